@@ -1,0 +1,83 @@
+"""quotaguard: never be charged, or refused, by surprise on Alibaba Cloud Model Studio.
+
+A shared, exact ledger of the DashScope free token quota that admits each Qwen call
+against its worst case before it is sent::
+
+    import quotaguard as qg
+
+    guard = qg.QuotaGuard()            # ~/.quotaguard/ledger.db, shared by every process
+    guard.grant("qwen-plus")           # 1,000,000 free tokens for 90 days
+    client = guard.wrap_openai(openai.OpenAI(base_url=..., api_key=...))
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from . import _core
+from ._core import (
+    Alert,
+    Bill,
+    BillLine,
+    HourStats,
+    Quota,
+    Reservation,
+    UsageRecord,
+    count_tokens,
+)
+from .exceptions import (
+    AccountOverdue,
+    BudgetExceeded,
+    FreeTierOnly,
+    LeaseExpiredWarning,
+    LedgerError,
+    QuotaGuardError,
+    UnpricedWarning,
+)
+from .guard import Budget, QuotaGuard, record_to_dict
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "AccountOverdue",
+    "Alert",
+    "Bill",
+    "BillLine",
+    "Budget",
+    "BudgetExceeded",
+    "FreeTierOnly",
+    "HourStats",
+    "LeaseExpiredWarning",
+    "LedgerError",
+    "Quota",
+    "QuotaGuard",
+    "QuotaGuardError",
+    "Reservation",
+    "UnpricedWarning",
+    "UsageRecord",
+    "__version__",
+    "count_tokens",
+    "find_vocabulary",
+    "record_to_dict",
+]
+
+
+def find_vocabulary() -> Path | None:
+    """The Qwen vocabulary for exact input bounds: ``$QUOTAGUARD_VOCAB``, else the
+    ``qwen.tiktoken`` that the ``dashscope`` package ships (found without importing it)."""
+    env = os.environ.get("QUOTAGUARD_VOCAB")
+    if env:
+        return Path(env)
+    try:
+        spec = importlib.util.find_spec("dashscope")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    candidate = Path(spec.origin).parent / "resources" / "qwen.tiktoken"
+    return candidate if candidate.is_file() else None
+
+
+_core.set_vocabulary(find_vocabulary())

@@ -1,0 +1,87 @@
+"""How a guard looks: console-style text for terminals, bars for notebooks.
+
+Days and expiry dates are shown in China Standard Time, where the platform counts them.
+"""
+
+from __future__ import annotations
+
+import html
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._core import Quota
+    from .guard import QuotaGuard
+
+__all__ = ["CST", "bar", "cst", "status_html", "status_text"]
+
+CST = timezone(timedelta(hours=8), "CST")
+
+
+def cst(dt: datetime) -> str:
+    """An instant as a China Standard Time wall-clock string."""
+    return dt.astimezone(CST).strftime("%Y-%m-%d %H:%M CST")
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    """A text bar of ``width`` cells, ``fraction`` of them full."""
+    full = max(0, min(width, round(fraction * width)))
+    return "█" * full + "░" * (width - full)
+
+
+def _state(q: Quota) -> str:
+    if q.expired:
+        return "expired"
+    if q.total == 0:
+        return "no free quota"
+    if q.remaining == 0:
+        return "used up"
+    return "free only" if q.free_only else "active"
+
+
+def status_text(guard: QuotaGuard) -> str:
+    quotas = guard.quotas()
+    head = f"quotaguard · account {guard.account!r} · {guard.region} · ledger {guard.ledger}"
+    if not quotas:
+        return head + "\n(no free quota granted yet: guard.grant(model) or `quotaguard grant`)"
+    width = max(len(q.model) for q in quotas)
+    lines = [head]
+    for q in quotas:
+        lines.append(
+            f"{q.model:<{width}}  {q.console:>21}  {bar(q.fraction_left)}  "
+            f"expires {cst(q.expires_at)}  {_state(q)}"
+            + (f"  ({q.reserved:,} reserved)" if q.reserved else "")
+        )
+    overdue = guard.overdue
+    balance = guard.balance
+    if balance is not None or overdue:
+        money = f"balance {balance} {guard.currency}" if balance is not None else "balance untracked"
+        lines.append(money + ("  OVERDUE: every call is refused" if overdue else ""))
+    return "\n".join(lines)
+
+
+def status_html(guard: QuotaGuard) -> str:
+    """A table with one bar per model, for Jupyter."""
+    rows = []
+    for q in guard.quotas():
+        pct = 100.0 * q.fraction_left
+        color = "#d9534f" if pct <= 20 else ("#f0ad4e" if pct <= 50 else "#5cb85c")
+        rows.append(
+            "<tr>"
+            f"<td><code>{html.escape(q.model)}</code></td>"
+            f"<td style='text-align:right'>{html.escape(q.console)}</td>"
+            "<td><div style='width:180px;background:#eee;border-radius:3px'>"
+            f"<div style='width:{pct:.1f}%;background:{color};height:12px;border-radius:3px'>"
+            "</div></div></td>"
+            f"<td>{html.escape(cst(q.expires_at))}</td>"
+            f"<td>{html.escape(_state(q))}</td>"
+            "</tr>"
+        )
+    body = "".join(rows) or "<tr><td colspan=5>no free quota granted yet</td></tr>"
+    return (
+        f"<div><b>quotaguard</b> · account <code>{html.escape(guard.account)}</code> · "
+        f"{html.escape(guard.region)}"
+        "<table><thead><tr><th>model</th><th>remaining/total</th><th></th>"
+        "<th>expires</th><th>state</th></tr></thead>"
+        f"<tbody>{body}</tbody></table></div>"
+    )

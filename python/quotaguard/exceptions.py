@@ -1,0 +1,94 @@
+"""The exceptions quotaguard raises.
+
+Every refusal is a :class:`FreeTierOnly` (``except FreeTierOnly`` catches them
+all); :class:`AccountOverdue` is the one for an overdue account. Each class
+keeps all of its attributes in ``args``, so instances pickle and cross process
+boundaries intact.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccountOverdue",
+    "BudgetExceeded",
+    "FreeTierOnly",
+    "LeaseExpiredWarning",
+    "LedgerError",
+    "QuotaGuardError",
+    "UnpricedWarning",
+]
+
+
+class QuotaGuardError(Exception):
+    """Base class of quotaguard's errors; also raised for rejected operations
+    such as settling a reservation twice or an R5 switch change the platform
+    would refuse."""
+
+
+class FreeTierOnly(QuotaGuardError):
+    """The call was refused before it was sent: it would have been charged (or
+    refused by the platform with ``AllocationQuota.FreeTierOnly``).
+
+    ``reason`` is one of ``"exhausted"``, ``"expired"``, ``"no_quota"``,
+    ``"not_covered"``, ``"unverified"`` (``"overdue"`` for :class:`AccountOverdue`).
+    """
+
+    code: str = "AllocationQuota.FreeTierOnly"
+
+    def __init__(
+        self,
+        message: str,
+        model: str | None = None,
+        remaining: int = 0,
+        requested: int = 0,
+        reason: str = "exhausted",
+    ) -> None:
+        super().__init__(message, model, remaining, requested, reason)
+        self.message = message
+        self.model = model
+        self.remaining = remaining
+        self.requested = requested
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class AccountOverdue(FreeTierOnly):
+    """The account has an overdue balance: every call is refused (code ``Arrearage``)."""
+
+    code: str = "Arrearage"
+
+    def __init__(
+        self,
+        message: str,
+        model: str | None = None,
+        remaining: int = 0,
+        requested: int = 0,
+        reason: str = "overdue",
+    ) -> None:
+        super().__init__(message, model, remaining, requested, reason)
+
+
+class BudgetExceeded(QuotaGuardError):
+    """A call's worst case does not fit what an active ``guard.budget()`` has left."""
+
+
+class LedgerError(QuotaGuardError):
+    """The ledger could not be opened, read or written. ``ledger`` names it."""
+
+    def __init__(self, message: str, ledger: str | None = None) -> None:
+        super().__init__(message, ledger)
+        self.message = message
+        self.ledger = ledger
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class LeaseExpiredWarning(UserWarning):
+    """A reservation was settled after its lease ended; the usage was recorded anyway."""
+
+
+class UnpricedWarning(UserWarning):
+    """Billable tokens of a model with no known price were recorded as ``unpriced``."""

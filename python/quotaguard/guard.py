@@ -1,0 +1,351 @@
+"""`QuotaGuard`: the Rust core's guard plus what Python does best — decorators,
+client wrappers, alert callbacks, budgets, exports and notebook display."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from decimal import Decimal
+from os import PathLike
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from . import _core
+from ._core import Alert, UsageRecord
+from .exceptions import AccountOverdue, FreeTierOnly
+
+if TYPE_CHECKING:
+    from .clients import GuardedDashScope, GuardedOpenAI
+
+__all__ = ["Budget", "QuotaGuard", "record_to_dict"]
+
+logger = logging.getLogger("quotaguard")
+
+F = TypeVar("F", bound=Callable[..., Any])
+AlertCallback = Callable[[Alert], object]
+
+RECORD_FIELDS = (
+    "time",
+    "account",
+    "user",
+    "workspace",
+    "model",
+    "kind",
+    "request_id",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "free_tokens",
+    "billable_input_tokens",
+    "billable_output_tokens",
+    "cost",
+    "currency",
+    "cost_type",
+)
+
+
+def record_to_dict(record: UsageRecord) -> dict[str, Any]:
+    """A record as plain data (``time`` an aware UTC datetime, ``cost`` a Decimal or None)."""
+    return {name: getattr(record, name) for name in RECORD_FIELDS}
+
+
+def _sink(ref: weakref.ref[QuotaGuard]) -> Callable[[list[Alert]], None]:
+    # A weak reference: the core must not keep its own Python wrapper alive.
+    def deliver(alerts: list[Alert]) -> None:
+        guard = ref()
+        if guard is not None:
+            guard._deliver(alerts)
+
+    return deliver
+
+
+class QuotaGuard(_core.QuotaGuard):
+    """Guards DashScope / Qwen calls against the free token quota.
+
+    See the README for a tour; ``API.md`` of the project lists the contract.
+    """
+
+    def __init__(
+        self,
+        ledger: str | PathLike[str] | None = None,
+        account: str = "default",
+        user: str = "root",
+        workspace: str | None = None,
+        region: str = "cn-beijing",
+        site: str = "china",
+        verified: bool = True,
+        catalog: str | PathLike[str] | None = None,
+        lease_seconds: float = 600,
+        clock: Callable[[], Any] | None = None,
+    ) -> None:
+        # The arguments were consumed by the core's __new__.
+        self._callbacks: list[AlertCallback] = []
+        self._callbacks_lock = threading.Lock()
+        self._set_alert_sink(_sink(weakref.ref(self)))
+
+    def __repr__(self) -> str:
+        return (
+            f"QuotaGuard(ledger={self.ledger!r}, account={self.account!r}, user={self.user!r}, "
+            f"region={self.region!r}, site={self.site!r})"
+        )
+
+    # ---- alerts -------------------------------------------------------------
+
+    def on_alert(self, callback: AlertCallback) -> AlertCallback:
+        """Calls ``callback(alert)`` for every alert (R10); usable as a decorator.
+
+        Callbacks run synchronously in the thread whose settle crossed the line. One
+        that raises is logged and never breaks the call."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        with self._callbacks_lock:
+            self._callbacks.append(callback)
+        return callback
+
+    def _deliver(self, alerts: list[Alert]) -> None:
+        with self._callbacks_lock:
+            callbacks = list(self._callbacks)
+        for alert in alerts:
+            logger.warning("%s", alert)
+            for cb in callbacks:
+                try:
+                    cb(alert)
+                except Exception:
+                    logger.exception("alert callback %r raised; the call goes on", cb)
+
+    # ---- the service's own answers (R12) ------------------------------------
+
+    def service_error(self, model: str, code: str, message: str = "") -> Exception | None:
+        """Applies a service error code to the ledger and returns the exception to raise.
+
+        ``AllocationQuota.FreeTierOnly`` sets the model's remaining to 0 and returns a
+        :class:`FreeTierOnly`; ``Arrearage`` marks the account overdue and returns an
+        :class:`AccountOverdue`; any other code returns ``None``."""
+        said = f": {message}" if message else ""
+        if code == FreeTierOnly.code:
+            self._mark_depleted(model)
+            return FreeTierOnly(
+                f"the service refused {model!r} with {code}{said}; its free quota is now "
+                "recorded as used up",
+                model,
+                0,
+                0,
+                "exhausted",
+            )
+        if code == AccountOverdue.code:
+            self.mark_overdue()
+            q = self.quota(model)
+            return AccountOverdue(
+                f"the service refused {model!r} with {code}{said}: the account is overdue",
+                model,
+                q.remaining,
+                0,
+                "overdue",
+            )
+        return None
+
+    # ---- guarding calls -----------------------------------------------------
+
+    @overload
+    def wrap(self, fn: F, /) -> F: ...
+
+    @overload
+    def wrap(
+        self,
+        fn: None = None,
+        /,
+        *,
+        model: str | None = None,
+        kind: str = "realtime",
+        clip: bool = False,
+    ) -> Callable[[F], F]: ...
+
+    def wrap(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        model: str | None = None,
+        kind: str = "realtime",
+        clip: bool = False,
+    ) -> F | Callable[[F], F]:
+        """Guards a function that calls the service: ``@guard.wrap`` or
+        ``@guard.wrap(model="qwen-max")``. Sync, async and streaming functions."""
+        from .wrap import wrap as _wrap
+
+        return _wrap(self, fn, model=model, kind=kind, clip=clip)  # type: ignore[arg-type]
+
+    def wrap_openai(self, client: Any, *, clip: bool = False) -> GuardedOpenAI:
+        """An ``openai.OpenAI`` / ``AsyncOpenAI`` client whose calls are guarded."""
+        from .clients import wrap_openai
+
+        return wrap_openai(self, client, clip=clip)
+
+    def wrap_dashscope(self, module: Any = None, *, clip: bool = False) -> GuardedDashScope:
+        """The ``dashscope`` module with guarded ``Generation``, ``MultiModalConversation``,
+        ``TextEmbedding`` and their ``Aio*`` variants."""
+        from .clients import wrap_dashscope
+
+        return wrap_dashscope(self, module, clip=clip)
+
+    # ---- budgets ------------------------------------------------------------
+
+    def budget(
+        self,
+        tokens: int | None = None,
+        cost: Decimal | int | str | None = None,
+        name: str | None = None,
+    ) -> Budget:
+        """A sub-limit on everything this guard admits inside ``with``: a call whose
+        worst case does not fit raises :class:`BudgetExceeded` before it is sent."""
+        return Budget(self, tokens=tokens, cost=cost, name=name)
+
+    # ---- records and export -------------------------------------------------
+
+    def export(self, path: str | PathLike[str], **filters: Any) -> int:
+        """Writes records to ``path``: CSV (``.csv``), JSON Lines (``.jsonl``/``.ndjson``)
+        or Parquet (``.parquet``, needs pyarrow). Filters as for :meth:`records`.
+        Returns the number of records written."""
+        target = Path(path)
+        rows = [record_to_dict(r) for r in self.records(**filters)]
+        suffix = target.suffix.lower()
+        if suffix == ".csv":
+            with target.open("w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
+                w.writeheader()
+                for row in rows:
+                    w.writerow({k: _plain(v) for k, v in row.items()})
+        elif suffix in (".jsonl", ".ndjson"):
+            with target.open("w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
+        elif suffix == ".parquet":
+            try:
+                import pyarrow as pa  # type: ignore[import-not-found,unused-ignore]
+                import pyarrow.parquet as pq  # type: ignore[import-not-found,unused-ignore]
+            except ImportError as e:
+                raise ImportError("writing Parquet needs pyarrow: pip install pyarrow") from e
+            table = pa.Table.from_pylist([{k: _plain(v) for k, v in r.items()} for r in rows])
+            pq.write_table(table, target)
+        else:
+            raise ValueError(
+                f"export path {str(path)!r} must end in .csv, .jsonl, .ndjson or .parquet"
+            )
+        return len(rows)
+
+    def to_pandas(self, **filters: Any) -> Any:
+        """Records as a ``pandas.DataFrame`` (needs pandas)."""
+        try:
+            import pandas as pd  # type: ignore[import-untyped,unused-ignore]
+        except ImportError as e:
+            raise ImportError("to_pandas() needs pandas: pip install pandas") from e
+        return pd.DataFrame(
+            [record_to_dict(r) for r in self.records(**filters)], columns=list(RECORD_FIELDS)
+        )
+
+    # ---- display ------------------------------------------------------------
+
+    def status(self) -> str:
+        """Each model's remaining quota as the console writes it, with its expiry (CST)."""
+        from .display import status_text
+
+        return status_text(self)
+
+    def _repr_html_(self) -> str:
+        from .display import status_html
+
+        return status_html(self)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+class Budget:
+    """A sub-limit on what one guard admits while it is active (``with guard.budget(...)``).
+
+    Budgets nest (the tightest wins), are thread-safe, and work as ``async with`` too.
+    """
+
+    def __init__(
+        self,
+        guard: QuotaGuard,
+        *,
+        tokens: int | None = None,
+        cost: Decimal | int | str | None = None,
+        name: str | None = None,
+    ) -> None:
+        self._guard = guard
+        self.name = name
+        self.tokens_limit = tokens
+        self.cost_limit = None if cost is None else Decimal(str(cost))
+        self._id: int | None = None
+        # Validate now, not at __enter__, so a bad limit fails where it is written.
+        probe = guard._open_budget(tokens, cost, name)
+        guard._close_budget(probe)
+        guard._drop_budget(probe)
+
+    def __enter__(self) -> Budget:
+        if self._id is not None:
+            raise RuntimeError("a budget can be entered once")
+        self._id = self._guard._open_budget(self.tokens_limit, self.cost_limit, self.name)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._id is not None:
+            self._guard._close_budget(self._id)
+
+    async def __aenter__(self) -> Budget:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def _state(self) -> tuple[int, Decimal, int | None, Decimal | None]:
+        if self._id is None:
+            return (0, Decimal(0), self.tokens_limit, self.cost_limit)
+        return self._guard._budget_state(self._id)
+
+    @property
+    def used(self) -> int:
+        """Tokens used by calls settled inside the budget."""
+        return self._state()[0]
+
+    @property
+    def cost(self) -> Decimal:
+        """What calls settled inside the budget cost (unpriced calls add nothing)."""
+        return self._state()[1]
+
+    @property
+    def remaining(self) -> int | None:
+        """Tokens left (calls in flight held at their worst case); None without a token limit."""
+        return self._state()[2]
+
+    @property
+    def cost_remaining(self) -> Decimal | None:
+        return self._state()[3]
+
+    def __repr__(self) -> str:
+        return (
+            f"Budget(name={self.name!r}, tokens={self.tokens_limit}, cost={self.cost_limit}, "
+            f"used={self.used}, spent={self.cost})"
+        )

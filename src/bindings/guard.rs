@@ -1,0 +1,1015 @@
+//! `QuotaGuard` and `Reservation`: thin adapters from Python calls to `core::guard::Guard`.
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyMapping, PySequence, PyString};
+use rust_decimal::Decimal;
+
+use crate::bindings::convert::{amount, instant, opt_instant, opt_tokens, tokens};
+use crate::bindings::errors::{type_error, LeaseExpiredWarning, PyQuotaError, QuotaGuardError};
+use crate::bindings::types::{PyAlert, PyBill, PyHourStats, PyQuota, PyUsageRecord};
+use crate::core::catalog::{Catalog, Site};
+use crate::core::clock::{cst_day, month_of, system_now_ms};
+use crate::core::error::Result as QResult;
+use crate::core::guard::{
+    default_ledger_path, open_ledger, BudgetHold, Config, FreeOnlyModels, Guard, LedgerUrl,
+};
+use crate::core::ledger::{AccountOp, Alert, RecordQuery, ReservationRow, SpendRule};
+use crate::core::money::to_decimal;
+use crate::core::rules::{CostType, Kind};
+use crate::core::tokens::{self, ChatMessage, Vocabulary};
+
+static BUNDLED: OnceLock<Arc<Catalog>> = OnceLock::new();
+
+/// The Qwen vocabulary: where it is, and once loaded, the vocabulary itself.
+static VOCAB: Mutex<(Option<PathBuf>, Option<Arc<Vocabulary>>)> = Mutex::new((None, None));
+
+fn vocabulary(py: Python<'_>) -> Option<Arc<Vocabulary>> {
+    let path = {
+        let v = VOCAB.lock();
+        if let Some(loaded) = &v.1 {
+            return Some(loaded.clone());
+        }
+        v.0.clone()?
+    };
+    let loaded = py.detach(|| tokens::cached_vocabulary(&path).ok())?;
+    let mut v = VOCAB.lock();
+    if v.0.as_deref() == Some(path.as_path()) {
+        v.1 = Some(loaded.clone());
+    }
+    Some(loaded)
+}
+
+/// Points the input bound at a `qwen.tiktoken` vocabulary file (loaded on first use).
+#[pyfunction]
+pub fn set_vocabulary(path: Option<PathBuf>) {
+    *VOCAB.lock() = (path, None);
+}
+
+/// The exact Qwen token count of `text`, or `None` without the vocabulary.
+#[pyfunction]
+pub fn count_tokens(py: Python<'_>, text: &str) -> Option<u64> {
+    let v = vocabulary(py)?;
+    Some(if text.len() > 4096 {
+        py.detach(|| v.count(text))
+    } else {
+        v.count(text)
+    })
+}
+
+/// The path of the vocabulary the input bound uses, if any.
+#[pyfunction]
+pub fn vocabulary_path() -> Option<PathBuf> {
+    VOCAB.lock().0.clone()
+}
+
+fn q<T>(r: QResult<T>) -> PyResult<T> {
+    r.map_err(|e| PyQuotaError(e).into())
+}
+
+/// The free-quota guard. The Python class `quotaguard.QuotaGuard` extends it.
+#[pyclass(frozen, subclass, module = "quotaguard._core", name = "QuotaGuard")]
+pub struct PyQuotaGuard {
+    inner: Arc<Guard>,
+    clock: Option<Py<PyAny>>,
+    /// SQLite or network I/O: detach from the interpreter around ledger calls.
+    blocking: bool,
+    alert_sink: Mutex<Option<Py<PyAny>>>,
+    warned_unpriced: Mutex<HashSet<String>>,
+}
+
+impl PyQuotaGuard {
+    fn now_ms(&self, py: Python<'_>) -> PyResult<i64> {
+        match &self.clock {
+            None => Ok(system_now_ms()),
+            Some(c) => instant(&c.bind(py).call0()?, "clock()"),
+        }
+    }
+
+    fn run<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Guard) -> QResult<T> + Send,
+    ) -> PyResult<T> {
+        let g = &*self.inner;
+        let r = if self.blocking {
+            py.detach(|| f(g))
+        } else {
+            f(g)
+        };
+        q(r)
+    }
+
+    fn dispatch(&self, py: Python<'_>, alerts: Vec<Alert>) -> PyResult<()> {
+        if alerts.is_empty() {
+            return Ok(());
+        }
+        let sink = self.alert_sink.lock().as_ref().map(|s| s.clone_ref(py));
+        let cur = self.inner.currency();
+        let objs: Vec<PyAlert> = alerts.into_iter().map(|a| PyAlert(a, cur)).collect();
+        match sink {
+            Some(s) => {
+                s.bind(py).call1((objs,))?;
+            }
+            None => {
+                let log = py
+                    .import("logging")?
+                    .call_method1("getLogger", ("quotaguard",))?;
+                for a in objs {
+                    let text = Bound::new(py, a)?.str()?;
+                    log.call_method1("warning", ("%s", text))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn warn_unpriced(&self, py: Python<'_>, model: &str) -> PyResult<()> {
+        if !self.warned_unpriced.lock().insert(model.to_string()) {
+            return Ok(());
+        }
+        let log = py
+            .import("logging")?
+            .call_method1("getLogger", ("quotaguard",))?;
+        log.call_method1(
+            "warning",
+            (
+                "%r has no known price on the %s site: its billable tokens are recorded as unpriced, not as free; \
+                 add its prices with QuotaGuard(catalog=...)",
+                model,
+                self.inner.config.site.name(),
+            ),
+        )?;
+        Ok(())
+    }
+}
+
+fn ledger_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<String>> {
+    match obj {
+        None => Ok(None),
+        Some(o) if o.is_none() => Ok(None),
+        Some(o) if o.is_instance_of::<PyString>() => Ok(Some(o.extract()?)),
+        Some(o) if o.hasattr("__fspath__")? => Ok(Some(o.call_method0("__fspath__")?.extract()?)),
+        Some(o) => Err(type_error(format!(
+            "ledger must be a str or path, not {}",
+            o.get_type().name()?
+        ))),
+    }
+}
+
+fn spend_rules(obj: &Bound<'_, PyAny>) -> PyResult<Vec<SpendRule>> {
+    if obj.is_none() {
+        return Ok(Vec::new());
+    }
+    if let Ok(map) = obj.cast::<PyMapping>() {
+        let mut out = Vec::new();
+        for item in map.items()?.iter() {
+            let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
+            let model: Option<String> = if k.is_none() {
+                None
+            } else {
+                Some(k.extract()?)
+            };
+            let limit = amount(&v, "daily_spend_alert amount")?;
+            if limit < 0 {
+                return Err(PyValueError::new_err(format!(
+                    "daily_spend_alert amount {} is negative",
+                    to_decimal(limit)
+                )));
+            }
+            out.push(SpendRule { model, limit });
+        }
+        return Ok(out);
+    }
+    let limit = amount(obj, "daily_spend_alert")?;
+    if limit < 0 {
+        return Err(PyValueError::new_err(format!(
+            "daily_spend_alert {} is negative",
+            to_decimal(limit)
+        )));
+    }
+    Ok(vec![SpendRule { model: None, limit }])
+}
+
+fn text_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+    if obj.is_none() {
+        return Ok(String::new());
+    }
+    obj.extract::<String>().map_err(|_| {
+        type_error(format!(
+            "{what} must be a str, not {}",
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    })
+}
+
+#[pymethods]
+impl PyQuotaGuard {
+    #[new]
+    #[pyo3(signature = (
+        ledger=None, account="default".to_string(), user="root".to_string(), workspace=None,
+        region="cn-beijing".to_string(), site="china".to_string(), verified=true, catalog=None,
+        lease_seconds=600.0, clock=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn py_new(
+        py: Python<'_>,
+        ledger: Option<&Bound<'_, PyAny>>,
+        account: String,
+        user: String,
+        workspace: Option<String>,
+        region: String,
+        site: String,
+        verified: bool,
+        catalog: Option<PathBuf>,
+        lease_seconds: f64,
+        clock: Option<Py<PyAny>>,
+    ) -> PyResult<Self> {
+        if !lease_seconds.is_finite() || lease_seconds <= 0.0 {
+            return Err(PyValueError::new_err(format!(
+                "lease_seconds {lease_seconds} must be a positive number"
+            )));
+        }
+        let config = Config {
+            account,
+            user,
+            workspace,
+            region,
+            site: q(Site::parse(&site))?,
+            verified,
+            lease_ms: (lease_seconds * 1000.0).round() as i64,
+        };
+        q(config.validate())?;
+        let catalog = match catalog {
+            None => BUNDLED.get_or_init(|| Arc::new(Catalog::bundled())).clone(),
+            Some(p) => Arc::new(q(Catalog::with_overrides(&p))?),
+        };
+        let (url, default_dir) = match ledger_arg(ledger)? {
+            Some(u) => (q(LedgerUrl::parse(&u))?, None),
+            None => match std::env::var("QUOTAGUARD_LEDGER")
+                .ok()
+                .filter(|v| !v.is_empty())
+            {
+                Some(u) => (q(LedgerUrl::parse(&u))?, None),
+                None => {
+                    let home = std::env::var_os("HOME").map(PathBuf::from).ok_or_else(|| {
+                        PyValueError::new_err("no ledger given, no $QUOTAGUARD_LEDGER and no $HOME")
+                    })?;
+                    let path = default_ledger_path(&home);
+                    let dir = path.parent().map(PathBuf::from);
+                    (
+                        LedgerUrl::Sqlite {
+                            path,
+                            sync: crate::core::ledger::sqlite::Sync::Normal,
+                        },
+                        dir,
+                    )
+                }
+            },
+        };
+        let blocking = !matches!(url, LedgerUrl::Memory);
+        let opened = py.detach(|| open_ledger(&url, default_dir.as_deref()));
+        let guard = q(opened.and_then(|l| Guard::new(config, l, catalog)))?;
+        Ok(Self {
+            inner: Arc::new(guard),
+            clock,
+            blocking,
+            alert_sink: Mutex::new(None),
+            warned_unpriced: Mutex::new(HashSet::new()),
+        })
+    }
+
+    // ---- configuration ----
+
+    /// Where the ledger lives (a path or URL without secrets).
+    #[getter]
+    fn ledger(&self) -> String {
+        LedgerUrl::redacted(self.inner.ledger_name())
+    }
+    #[getter]
+    fn account(&self) -> &str {
+        &self.inner.config.account
+    }
+    #[getter]
+    fn user(&self) -> &str {
+        &self.inner.config.user
+    }
+    #[getter]
+    fn workspace(&self) -> Option<&str> {
+        self.inner.config.workspace.as_deref()
+    }
+    #[getter]
+    fn region(&self) -> &str {
+        &self.inner.config.region
+    }
+    #[getter]
+    fn site(&self) -> &'static str {
+        self.inner.config.site.name()
+    }
+    #[getter]
+    fn verified(&self) -> bool {
+        self.inner.config.verified
+    }
+    #[getter]
+    fn lease_seconds(&self) -> f64 {
+        self.inner.config.lease_ms as f64 / 1000.0
+    }
+    /// `"CNY"` on the China site, `"USD"` on the international site.
+    #[getter]
+    fn currency(&self) -> &'static str {
+        self.inner.currency().code()
+    }
+
+    /// The current time as the guard sees it (its clock), an aware UTC datetime.
+    fn now(&self, py: Python<'_>) -> PyResult<chrono::DateTime<chrono::Utc>> {
+        Ok(crate::core::clock::to_utc(self.now_ms(py)?))
+    }
+
+    // ---- quota ----
+
+    #[pyo3(signature = (model, tokens=None, activated_at=None, valid_days=None))]
+    fn grant(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        tokens: Option<&Bound<'_, PyAny>>,
+        activated_at: Option<&Bound<'_, PyAny>>,
+        valid_days: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyQuota> {
+        let total = opt_tokens(tokens, "tokens")?;
+        let activated = opt_instant(activated_at, "activated_at")?;
+        let days: Option<i64> = match valid_days {
+            None => None,
+            Some(v) if v.is_none() => None,
+            Some(v) => Some(tokens_i64(v, "valid_days")?),
+        };
+        let now = self.now_ms(py)?;
+        self.run(py, |g| g.grant(model, total, activated, days, now))
+            .map(PyQuota)
+    }
+
+    fn remaining(&self, py: Python<'_>, model: &str) -> PyResult<u64> {
+        let now = self.now_ms(py)?;
+        self.run(py, |g| g.remaining(model, now))
+    }
+
+    fn quota(&self, py: Python<'_>, model: &str) -> PyResult<PyQuota> {
+        let now = self.now_ms(py)?;
+        self.run(py, |g| g.quota(model, now)).map(PyQuota)
+    }
+
+    fn quotas(&self, py: Python<'_>) -> PyResult<Vec<PyQuota>> {
+        let now = self.now_ms(py)?;
+        Ok(self
+            .run(py, |g| g.quotas(now))?
+            .into_iter()
+            .map(PyQuota)
+            .collect())
+    }
+
+    /// R5. `models`: a name, a list of names, or `"all"` (enable for all eligible
+    /// models not yet configured). Returns the models changed.
+    #[pyo3(signature = (models, enabled=true))]
+    fn set_free_only(
+        &self,
+        py: Python<'_>,
+        models: &Bound<'_, PyAny>,
+        enabled: bool,
+    ) -> PyResult<Vec<String>> {
+        let target = if let Ok(s) = models.extract::<String>() {
+            if s == "all" {
+                FreeOnlyModels::All
+            } else {
+                FreeOnlyModels::Some(vec![s])
+            }
+        } else if let Ok(seq) = models.cast::<PySequence>() {
+            let mut v = Vec::new();
+            for item in seq.try_iter()? {
+                let item = item?;
+                v.push(item.extract::<String>().map_err(|_| {
+                    type_error(format!(
+                        "models must hold model names (str), not {}",
+                        item.repr().map(|r| r.to_string()).unwrap_or_default()
+                    ))
+                })?);
+            }
+            FreeOnlyModels::Some(v)
+        } else {
+            return Err(type_error(
+                "models must be a model name, a list of names, or \"all\"",
+            ));
+        };
+        let now = self.now_ms(py)?;
+        self.run(py, |g| g.set_free_only(target, enabled, now))
+    }
+
+    /// R12: set a model's remaining and total from the console's figure, e.g. `"362,917/1,000,000"`.
+    fn sync(&self, py: Python<'_>, model: &str, console_text: &str) -> PyResult<PyQuota> {
+        let now = self.now_ms(py)?;
+        self.run(py, |g| g.sync(model, console_text, now))
+            .map(PyQuota)
+    }
+
+    /// R12: the service answered `AllocationQuota.FreeTierOnly` for `model`.
+    fn _mark_depleted(&self, py: Python<'_>, model: &str) -> PyResult<PyQuota> {
+        let now = self.now_ms(py)?;
+        self.run(py, |g| g.mark_depleted(model, now)).map(PyQuota)
+    }
+
+    // ---- calls ----
+
+    /// The output limit assumed for a call that states no `max_tokens`.
+    fn default_max_output(&self, model: &str) -> u64 {
+        self.inner.default_max_output(model)
+    }
+
+    /// R8: an upper bound of the input tokens the service bills for a request.
+    #[pyo3(signature = (*, messages=None, prompt=None, input=None, extra_tokens=None))]
+    fn input_bound(
+        &self,
+        py: Python<'_>,
+        messages: Option<&Bound<'_, PyAny>>,
+        prompt: Option<&Bound<'_, PyAny>>,
+        input: Option<&Bound<'_, PyAny>>,
+        extra_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        let extra = opt_tokens(extra_tokens, "extra_tokens")?.unwrap_or(0);
+        let vocab = vocabulary(py);
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        let mut chat = false;
+        if let Some(ms) = messages.filter(|m| !m.is_none()) {
+            chat = true;
+            for (i, m) in ms.try_iter()?.enumerate() {
+                let m = m?;
+                let (role, content) = if let Ok(d) = m.cast::<PyDict>() {
+                    (d.get_item("role")?, d.get_item("content")?)
+                } else {
+                    (m.getattr("role").ok(), m.getattr("content").ok())
+                };
+                let role = match role {
+                    Some(r) => text_of(&r, &format!("messages[{i}][\"role\"]"))?,
+                    None => {
+                        return Err(PyValueError::new_err(format!(
+                            "messages[{i}] has no \"role\""
+                        )))
+                    }
+                };
+                let content = match content {
+                    Some(c) => text_of(&c, &format!("messages[{i}][\"content\"]"))?,
+                    None => String::new(),
+                };
+                pairs.push((role, content));
+            }
+        }
+        if let Some(p) = prompt.filter(|p| !p.is_none()) {
+            chat = true;
+            pairs.push(("user".into(), text_of(p, "prompt")?));
+        }
+        let mut texts: Vec<String> = Vec::new();
+        if let Some(inp) = input.filter(|i| !i.is_none()) {
+            if inp.is_instance_of::<PyString>() {
+                texts.push(inp.extract()?);
+            } else {
+                for (i, t) in inp.try_iter()?.enumerate() {
+                    texts.push(text_of(&t?, &format!("input[{i}]"))?);
+                }
+            }
+        }
+        let v = vocab.as_deref();
+        let work = || {
+            let mut n = 0u64;
+            if chat {
+                let msgs: Vec<ChatMessage<'_>> = pairs
+                    .iter()
+                    .map(|(r, c)| ChatMessage {
+                        role: r,
+                        content: c,
+                    })
+                    .collect();
+                n += tokens::chat_bound(v, &msgs);
+            }
+            n += texts.iter().map(|t| tokens::text_bound(v, t)).sum::<u64>();
+            n
+        };
+        let size: usize = pairs.iter().map(|(_, c)| c.len()).sum::<usize>()
+            + texts.iter().map(String::len).sum::<usize>();
+        let n = if size > 4096 { py.detach(work) } else { work() };
+        Ok(n + extra)
+    }
+
+    /// R8/R9: hold the worst case of a call before sending it.
+    #[pyo3(signature = (model, input_tokens, max_output_tokens, kind="realtime"))]
+    fn reserve(
+        slf: &Bound<'_, Self>,
+        model: &str,
+        input_tokens: &Bound<'_, PyAny>,
+        max_output_tokens: &Bound<'_, PyAny>,
+        kind: &str,
+    ) -> PyResult<PyReservation> {
+        let py = slf.py();
+        let me = slf.get();
+        let input = tokens(input_tokens, "input_tokens")?;
+        let max_out = tokens(max_output_tokens, "max_output_tokens")?;
+        let kind = q(Kind::parse(kind))?;
+        let now = me.now_ms(py)?;
+        let (row, hold) = me.run(py, |g| g.reserve(model, input, max_out, kind, now))?;
+        Ok(PyReservation {
+            guard: slf.clone().unbind(),
+            row,
+            hold,
+            max_output_tokens: max_out,
+            done: AtomicBool::new(false),
+        })
+    }
+
+    // ---- money ----
+
+    /// The tracked balance (R7), or `None` until one is stated.
+    #[getter]
+    fn balance(&self, py: Python<'_>) -> PyResult<Option<Decimal>> {
+        Ok(self.run(py, |g| g.account_state())?.balance.map(to_decimal))
+    }
+
+    #[getter]
+    fn overdue(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.run(py, |g| g.account_state())?.overdue)
+    }
+
+    /// Adds to the balance (starting to track it); a balance of zero or more clears overdue.
+    fn top_up(&self, py: Python<'_>, amount: &Bound<'_, PyAny>) -> PyResult<Option<Decimal>> {
+        let a = self::amount(amount, "amount")?;
+        Ok(self
+            .run(py, |g| g.update_account(AccountOp::TopUp(a)))?
+            .balance
+            .map(to_decimal))
+    }
+
+    fn set_balance(&self, py: Python<'_>, amount: &Bound<'_, PyAny>) -> PyResult<Option<Decimal>> {
+        let a = self::amount(amount, "balance")?;
+        Ok(self
+            .run(py, |g| g.update_account(AccountOp::SetBalance(a)))?
+            .balance
+            .map(to_decimal))
+    }
+
+    fn mark_overdue(&self, py: Python<'_>) -> PyResult<()> {
+        self.run(py, |g| g.update_account(AccountOp::MarkOverdue))
+            .map(|_| ())
+    }
+
+    // ---- alerts ----
+
+    /// Quota alerts fire at or below this fraction of a model's total; `None`: off.
+    #[getter]
+    fn get_alert_threshold(&self) -> Option<f64> {
+        self.inner.threshold_ppm().map(|p| p as f64 / 1_000_000.0)
+    }
+
+    #[setter]
+    fn set_alert_threshold(&self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let ppm = match value {
+            None => None,
+            Some(v) if v.is_none() => None,
+            Some(v) => {
+                if v.is_instance_of::<pyo3::types::PyBool>() {
+                    return Err(type_error(
+                        "alert_threshold must be a number in [0, 1] or None, not bool",
+                    ));
+                }
+                let f: f64 = v.extract().map_err(|_| {
+                    type_error("alert_threshold must be a number in [0, 1] or None")
+                })?;
+                if !(0.0..=1.0).contains(&f) {
+                    return Err(PyValueError::new_err(format!(
+                        "alert_threshold {f} is outside [0, 1]"
+                    )));
+                }
+                Some((f * 1_000_000.0).round() as u32)
+            }
+        };
+        self.inner.set_threshold_ppm(ppm);
+        Ok(())
+    }
+
+    /// High-spending alert: an amount (whole account) or `{model: amount}`; `None`: off.
+    #[getter]
+    fn get_daily_spend_alert(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let rules_ = self.inner.spend_rules();
+        if rules_.is_empty() {
+            return Ok(py.None());
+        }
+        if rules_.len() == 1 && rules_[0].model.is_none() {
+            return Ok(to_decimal(rules_[0].limit)
+                .into_pyobject(py)?
+                .into_any()
+                .unbind());
+        }
+        let d = PyDict::new(py);
+        for r in rules_.iter() {
+            d.set_item(r.model.clone(), to_decimal(r.limit))?;
+        }
+        Ok(d.into_any().unbind())
+    }
+
+    #[setter]
+    fn set_daily_spend_alert(&self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let rules_ = match value {
+            None => Vec::new(),
+            Some(v) => spend_rules(v)?,
+        };
+        self.inner.set_spend_rules(rules_);
+        Ok(())
+    }
+
+    /// Evaluates the high-spending alert now (for processes that make no calls).
+    fn check_alerts(&self, py: Python<'_>) -> PyResult<Vec<PyAlert>> {
+        let now = self.now_ms(py)?;
+        let alerts = self.run(py, |g| g.check_spend(now))?;
+        let cur = self.inner.currency();
+        let out = alerts.iter().cloned().map(|a| PyAlert(a, cur)).collect();
+        self.dispatch(py, alerts)?;
+        Ok(out)
+    }
+
+    /// Where alerts go: a callable taking a list of `Alert`s (set by `quotaguard.QuotaGuard`).
+    fn _set_alert_sink(&self, sink: Option<Py<PyAny>>) {
+        *self.alert_sink.lock() = sink;
+    }
+
+    // ---- records, bills, statistics ----
+
+    #[pyo3(signature = (model=None, user=None, since=None, until=None, *, workspace=None, kind=None, limit=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn records(
+        &self,
+        py: Python<'_>,
+        model: Option<String>,
+        user: Option<String>,
+        since: Option<&Bound<'_, PyAny>>,
+        until: Option<&Bound<'_, PyAny>>,
+        workspace: Option<String>,
+        kind: Option<&str>,
+        limit: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<PyUsageRecord>> {
+        let query = RecordQuery {
+            account: String::new(),
+            model,
+            user,
+            workspace,
+            kind: kind.map(Kind::parse).transpose().map_err(PyQuotaError)?,
+            since_ms: opt_instant(since, "since")?,
+            until_ms: opt_instant(until, "until")?,
+            limit: opt_tokens(limit, "limit")?,
+        };
+        Ok(self
+            .run(py, |g| g.records(query))?
+            .into_iter()
+            .map(PyUsageRecord)
+            .collect())
+    }
+
+    /// R14: the bill of a CST month (`"2026-11"`, default: this month) or day (`"2026-11-26"`).
+    #[pyo3(signature = (month=None, *, day=None))]
+    fn bill(&self, py: Python<'_>, month: Option<String>, day: Option<String>) -> PyResult<PyBill> {
+        let bill = match (month, day) {
+            (Some(_), Some(_)) => return Err(PyValueError::new_err("pass month or day, not both")),
+            (None, Some(d)) => self.run(py, |g| g.bill_day(&d))?,
+            (m, None) => {
+                let m = match m {
+                    Some(m) => m,
+                    None => month_of(cst_day(self.now_ms(py)?)),
+                };
+                self.run(py, |g| g.bill_month(&m))?
+            }
+        };
+        Ok(PyBill(bill))
+    }
+
+    /// R14: calls, refusals, failures and tokens per model per hour.
+    #[pyo3(signature = (model=None, since=None))]
+    fn stats(
+        &self,
+        py: Python<'_>,
+        model: Option<String>,
+        since: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<PyHourStats>> {
+        let since = opt_instant(since, "since")?;
+        Ok(self
+            .run(py, |g| g.stats(model.as_deref(), since))?
+            .into_iter()
+            .map(PyHourStats)
+            .collect())
+    }
+
+    /// Deletes records before `before`; bills and statistics are unchanged. Returns how many.
+    fn compact(&self, py: Python<'_>, before: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let before = instant(before, "before")?;
+        self.run(py, |g| g.compact(before))
+    }
+
+    // ---- budgets (used by quotaguard.Budget) ----
+
+    #[pyo3(signature = (tokens=None, cost=None, name=None))]
+    fn _open_budget(
+        &self,
+        tokens: Option<&Bound<'_, PyAny>>,
+        cost: Option<&Bound<'_, PyAny>>,
+        name: Option<String>,
+    ) -> PyResult<u64> {
+        let t = opt_tokens(tokens, "tokens")?;
+        let c = match cost {
+            None => None,
+            Some(c) if c.is_none() => None,
+            Some(c) => Some(amount(c, "cost")?),
+        };
+        q(self.inner.open_budget(name, t, c))
+    }
+
+    fn _close_budget(&self, id: u64) {
+        self.inner.close_budget(id);
+    }
+
+    fn _drop_budget(&self, id: u64) {
+        self.inner.drop_budget(id);
+    }
+
+    /// `(tokens_used, cost_spent, tokens_left, cost_left)` of a budget.
+    fn _budget_state(&self, id: u64) -> PyResult<(u64, Decimal, Option<u64>, Option<Decimal>)> {
+        let b = self
+            .inner
+            .budget(id)
+            .ok_or_else(|| PyValueError::new_err(format!("no budget {id}")))?;
+        Ok((
+            b.used,
+            to_decimal(b.spent),
+            b.tokens_left(),
+            b.cost_left().map(to_decimal),
+        ))
+    }
+
+    // ---- catalogue ----
+
+    /// The model catalogue as plain data: `{"prices_read", "source", "models": {...}}`.
+    fn catalog_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.inner.catalog();
+        let out = PyDict::new(py);
+        out.set_item("prices_read", &c.prices_read)?;
+        out.set_item("source", &c.source)?;
+        let models = PyDict::new(py);
+        for (name, m) in &c.models {
+            let d = PyDict::new(py);
+            d.set_item("free_tokens", m.free_tokens)?;
+            d.set_item("valid_days", m.valid_days)?;
+            d.set_item("max_input_tokens", m.max_input_tokens)?;
+            d.set_item("max_output_tokens", m.max_output_tokens)?;
+            d.set_item("default_max_output_tokens", m.default_max_output_tokens)?;
+            let prices = PyDict::new(py);
+            for (site, table) in &m.prices {
+                let t = PyDict::new(py);
+                t.set_item("currency", table.currency.code())?;
+                t.set_item("cache_hit_percent", table.cache_hit_percent)?;
+                t.set_item("batch_percent", table.batch_percent)?;
+                let tiers = PyList::empty(py);
+                for tier in &table.tiers {
+                    let td = PyDict::new(py);
+                    td.set_item("up_to", tier.up_to)?;
+                    td.set_item("input", to_decimal(tier.input * 1_000_000))?;
+                    td.set_item("output", to_decimal(tier.output * 1_000_000))?;
+                    td.set_item(
+                        "thinking_output",
+                        tier.thinking_output.map(|p| to_decimal(p * 1_000_000)),
+                    )?;
+                    tiers.append(td)?;
+                }
+                t.set_item("tiers", tiers)?;
+                prices.set_item(*site, t)?;
+            }
+            d.set_item("prices", prices)?;
+            models.set_item(name, d)?;
+        }
+        out.set_item("models", models)?;
+        Ok(out)
+    }
+}
+
+fn tokens_i64(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
+    if obj.is_instance_of::<pyo3::types::PyBool>() || !obj.is_instance_of::<pyo3::types::PyInt>() {
+        return Err(type_error(format!(
+            "{what} must be an int, not {}",
+            obj.repr()?
+        )));
+    }
+    obj.extract::<i64>().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} {} is outside 30..90",
+            obj.repr().map(|r| r.to_string()).unwrap_or_default()
+        ))
+    })
+}
+
+/// A call's worst case, held until settled or released (R9). One-shot and thread-safe.
+#[pyclass(frozen, module = "quotaguard._core", name = "Reservation")]
+pub struct PyReservation {
+    guard: Py<PyQuotaGuard>,
+    row: ReservationRow,
+    hold: BudgetHold,
+    max_output_tokens: u64,
+    done: AtomicBool,
+}
+
+impl PyReservation {
+    fn take(&self) -> PyResult<()> {
+        if self.done.swap(true, Ordering::AcqRel) {
+            return Err(QuotaGuardError::new_err(format!(
+                "reservation {} for {:?} is already settled or released",
+                self.row.id, self.row.model
+            )));
+        }
+        Ok(())
+    }
+
+    fn settle_inner(
+        &self,
+        py: Python<'_>,
+        input: u64,
+        output: u64,
+        cached: u64,
+        thinking: bool,
+        request_id: Option<String>,
+    ) -> PyResult<PyUsageRecord> {
+        self.take()?;
+        let g = self.guard.get();
+        let now = match g.now_ms(py) {
+            Ok(n) => n,
+            Err(e) => {
+                self.done.store(false, Ordering::Release);
+                return Err(e);
+            }
+        };
+        let (row, hold) = (&self.row, &self.hold);
+        let out = match g.run(py, |gg| {
+            gg.settle(
+                row,
+                hold,
+                input,
+                output,
+                cached,
+                thinking,
+                request_id.as_deref(),
+                now,
+            )
+        }) {
+            Ok(o) => o,
+            Err(e) => {
+                // Nothing was recorded: the reservation is still open and may be settled again.
+                self.done.store(false, Ordering::Release);
+                return Err(e);
+            }
+        };
+        if out.lease_expired {
+            let msg = format!(
+                "reservation {} for {:?} was settled after its lease of {} s had ended; its usage was recorded \
+                 anyway (raise lease_seconds for calls this long)",
+                self.row.id,
+                self.row.model,
+                g.inner.config.lease_ms / 1000
+            );
+            let cat = py.get_type::<LeaseExpiredWarning>();
+            PyErr::warn(py, cat.as_any(), &CString::new(msg).unwrap_or_default(), 1)?;
+        }
+        if out.record.cost_type == CostType::Unpriced {
+            g.warn_unpriced(py, &self.row.model)?;
+        }
+        g.dispatch(py, out.alerts)?;
+        Ok(PyUsageRecord(out.record))
+    }
+}
+
+#[pymethods]
+impl PyReservation {
+    #[getter]
+    fn id(&self) -> i64 {
+        self.row.id
+    }
+    #[getter]
+    fn model(&self) -> &str {
+        &self.row.model
+    }
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.row.kind.as_str()
+    }
+    #[getter]
+    fn input_tokens(&self) -> u64 {
+        self.row.input_tokens
+    }
+    #[getter]
+    fn max_output_tokens(&self) -> u64 {
+        self.max_output_tokens
+    }
+    #[getter]
+    fn worst_case(&self) -> u64 {
+        self.row.worst
+    }
+    /// The part of the worst case held from free quota.
+    #[getter]
+    fn free_tokens(&self) -> u64 {
+        self.row.free_part
+    }
+    #[getter]
+    fn expires_at(&self) -> chrono::DateTime<chrono::Utc> {
+        crate::core::clock::to_utc(self.row.expires_ms)
+    }
+    #[getter]
+    fn done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Records the usage the service reported (R9, R11).
+    #[pyo3(signature = (input_tokens, output_tokens, request_id=None, *, cached_tokens=None, thinking=false))]
+    fn settle(
+        &self,
+        py: Python<'_>,
+        input_tokens: &Bound<'_, PyAny>,
+        output_tokens: &Bound<'_, PyAny>,
+        request_id: Option<String>,
+        cached_tokens: Option<&Bound<'_, PyAny>>,
+        thinking: bool,
+    ) -> PyResult<PyUsageRecord> {
+        let input = tokens(input_tokens, "input_tokens")?;
+        let output = tokens(output_tokens, "output_tokens")?;
+        let cached = opt_tokens(cached_tokens, "cached_tokens")?.unwrap_or(0);
+        self.settle_inner(py, input, output, cached, thinking, request_id)
+    }
+
+    /// Settles at the worst case: for calls whose real usage never arrived.
+    fn settle_worst_case(&self, py: Python<'_>) -> PyResult<PyUsageRecord> {
+        self.settle_inner(
+            py,
+            self.row.input_tokens,
+            self.max_output_tokens,
+            0,
+            false,
+            None,
+        )
+    }
+
+    /// Gives the reserved tokens back; `failed=True` counts a failed call in statistics.
+    #[pyo3(signature = (*, failed=false))]
+    fn release(&self, py: Python<'_>, failed: bool) -> PyResult<()> {
+        self.take()?;
+        let g = self.guard.get();
+        let now = g.now_ms(py)?;
+        let (row, hold) = (&self.row, &self.hold);
+        g.run(py, |gg| gg.release(row, hold, failed, now))
+            .map(|_| ())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// An exception releases; leaving without settling settles the worst case.
+    #[pyo3(signature = (exc_type=None, _exc=None, _tb=None))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        exc_type: Option<&Bound<'_, PyAny>>,
+        _exc: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        if self.done() {
+            return Ok(false);
+        }
+        if exc_type.is_some_and(|t| !t.is_none()) {
+            match self.release(py, true) {
+                Ok(()) => {}
+                Err(e) if e.is_instance_of::<QuotaGuardError>(py) => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.settle_worst_case(py)?;
+        }
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Reservation(id={}, model={:?}, kind={:?}, worst_case={}, done={})",
+            self.row.id,
+            self.row.model,
+            self.row.kind.as_str(),
+            self.row.worst,
+            if self.done() { "True" } else { "False" }
+        )
+    }
+}

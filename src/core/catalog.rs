@@ -1,0 +1,378 @@
+//! The model catalogue: free tokens, validity, output limits and prices per
+//! model, bundled as TOML and overridable, key by key, by a user file.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::core::error::{invalid, Result};
+use crate::core::money::{per_token, Currency, PriceTable, Tier};
+
+const BUNDLED: &str = include_str!("data/catalog.toml");
+
+/// The site an account was opened on (SPEC R2): it fixes the free region and the currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Site {
+    China,
+    International,
+}
+
+impl Site {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "china" => Ok(Self::China),
+            "international" => Ok(Self::International),
+            other => Err(invalid(format!(
+                "site {other:?} is not \"china\" or \"international\""
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::China => "china",
+            Self::International => "international",
+        }
+    }
+
+    pub fn currency(self) -> Currency {
+        match self {
+            Self::China => Currency::Cny,
+            Self::International => Currency::Usd,
+        }
+    }
+
+    /// The one region whose calls the free quota covers (R2).
+    pub fn free_region(self) -> &'static str {
+        match self {
+            Self::China => "cn-beijing",
+            Self::International => "ap-southeast-1",
+        }
+    }
+}
+
+/// Alibaba Cloud region ids quotaguard knows. Only each site's free region has free quota.
+pub const KNOWN_REGIONS: &[&str] = &[
+    "cn-beijing",
+    "cn-hangzhou",
+    "cn-shanghai",
+    "cn-shenzhen",
+    "cn-zhangjiakou",
+    "cn-wulanchabu",
+    "cn-hongkong",
+    "ap-southeast-1",
+    "ap-southeast-3",
+    "ap-southeast-5",
+    "ap-northeast-1",
+    "ap-northeast-2",
+    "ap-south-1",
+    "us-east-1",
+    "us-west-1",
+    "eu-central-1",
+    "eu-west-1",
+    "me-east-1",
+    "me-central-1",
+];
+
+pub fn check_region(region: &str) -> Result<()> {
+    if KNOWN_REGIONS.contains(&region) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "region {region:?} is not a known Alibaba Cloud region (for example \"cn-beijing\" or \"ap-southeast-1\")"
+        )))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub free_tokens: u64,
+    /// Validity in days for quota activated before the 2025-09-08 cut-over (R3).
+    pub valid_days: u32,
+    pub max_input_tokens: Option<u64>,
+    pub max_output_tokens: u64,
+    pub default_max_output_tokens: u64,
+    pub prices: BTreeMap<&'static str, PriceTable>,
+}
+
+impl ModelInfo {
+    pub fn prices(&self, site: Site) -> Option<&PriceTable> {
+        self.prices.get(site.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Catalog {
+    pub prices_read: String,
+    pub source: String,
+    pub defaults: Defaults,
+    pub models: BTreeMap<String, ModelInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    pub free_tokens: u64,
+    pub valid_days: u32,
+    pub max_output_tokens: u64,
+    pub default_max_output_tokens: u64,
+    pub cache_hit_percent: u32,
+    pub batch_percent: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    catalog: RawHeader,
+    defaults: Defaults,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    prices_read: String,
+    #[serde(default)]
+    source: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    free_tokens: Option<u64>,
+    valid_days: Option<u32>,
+    max_input_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    default_max_output_tokens: Option<u64>,
+    #[serde(default)]
+    prices: BTreeMap<String, RawPrices>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrices {
+    currency: String,
+    tiers: Vec<RawTier>,
+    cache_hit_percent: Option<u32>,
+    batch_percent: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    up_to: Option<u64>,
+    input: String,
+    output: String,
+    thinking_output: Option<String>,
+}
+
+/// Deep-merges `over` into `base`: tables merge key by key, anything else is replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+impl Catalog {
+    pub fn bundled() -> Self {
+        Self::from_sources(&[("bundled catalogue", BUNDLED)])
+            .expect("the bundled catalogue is valid")
+    }
+
+    /// The bundled catalogue with a user file merged over it.
+    pub fn with_overrides(path: &Path) -> Result<Self> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(format!("catalog {name:?} cannot be read: {e}")))?;
+        Self::from_sources(&[("bundled catalogue", BUNDLED), (&name, &text)])
+    }
+
+    /// Parses and merges `(name, text)` sources in order; errors name the source and line.
+    pub fn from_sources(sources: &[(&str, &str)]) -> Result<Self> {
+        let mut merged = toml::Table::new();
+        for (name, text) in sources {
+            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                let line = e
+                    .span()
+                    .map(|s| text[..s.start].matches('\n').count() + 1)
+                    .unwrap_or(0);
+                invalid(format!("catalog {name:?} line {line}: {}", e.message()))
+            })?;
+            merge(&mut merged, table);
+        }
+        let (last_name, last_text) = sources.last().copied().unwrap_or(("catalogue", ""));
+        let locate = |what: &str| match line_of(last_text, what) {
+            Some(l) => format!("catalog {last_name:?} line {l}"),
+            None => format!("catalog {last_name:?}"),
+        };
+        let raw: RawCatalog = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(format!("{}: {}", locate(""), e.message())))?;
+        let d = raw.defaults;
+        let mut models = BTreeMap::new();
+        for (name, m) in raw.models {
+            let here = |msg: String| invalid(format!("{}: model {name:?}: {msg}", locate(&name)));
+            let mut prices = BTreeMap::new();
+            for (site_name, p) in m.prices {
+                let site = Site::parse(&site_name).map_err(|e| here(e.to_string()))?;
+                let currency = Currency::parse(&p.currency).map_err(|e| here(e.to_string()))?;
+                if currency != site.currency() {
+                    return Err(here(format!(
+                        "{site_name} prices must be in {}, not {currency}",
+                        site.currency()
+                    )));
+                }
+                let mut tiers = Vec::with_capacity(p.tiers.len());
+                for t in p.tiers {
+                    let price =
+                        |s: &str, what: &str| per_token(s, what).map_err(|e| here(e.to_string()));
+                    tiers.push(Tier {
+                        up_to: t.up_to,
+                        input: price(&t.input, "input price")?,
+                        output: price(&t.output, "output price")?,
+                        thinking_output: t
+                            .thinking_output
+                            .as_deref()
+                            .map(|s| price(s, "thinking output price"))
+                            .transpose()?,
+                    });
+                }
+                let table = PriceTable {
+                    currency,
+                    tiers,
+                    cache_hit_percent: p.cache_hit_percent.unwrap_or(d.cache_hit_percent),
+                    batch_percent: p.batch_percent.unwrap_or(d.batch_percent),
+                };
+                table.validate(&name).map_err(|e| here(e.to_string()))?;
+                prices.insert(site.name(), table);
+            }
+            let valid_days = m.valid_days.unwrap_or(d.valid_days);
+            if !(30..=90).contains(&valid_days) {
+                return Err(here(format!("valid_days {valid_days} is outside 30..90")));
+            }
+            let max_out = m.max_output_tokens.unwrap_or(d.max_output_tokens);
+            let info = ModelInfo {
+                name: name.clone(),
+                free_tokens: m.free_tokens.unwrap_or(d.free_tokens),
+                valid_days,
+                max_input_tokens: m.max_input_tokens,
+                max_output_tokens: max_out,
+                default_max_output_tokens: m.default_max_output_tokens.unwrap_or(max_out),
+                prices,
+            };
+            models.insert(name, info);
+        }
+        Ok(Self {
+            prices_read: raw.catalog.prices_read,
+            source: raw.catalog.source,
+            defaults: d,
+            models,
+        })
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelInfo> {
+        self.models.get(name)
+    }
+
+    /// The output limit assumed for a call that states none.
+    pub fn default_max_output(&self, model: &str) -> u64 {
+        self.model(model)
+            .map(|m| m.default_max_output_tokens)
+            .unwrap_or(self.defaults.default_max_output_tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_covers_the_named_models() {
+        let c = Catalog::bundled();
+        for m in [
+            "qwen-max",
+            "qwen-plus",
+            "qwen-turbo",
+            "qwen-flash",
+            "qwen3-max",
+            "qwen3-coder-plus",
+            "qwen3-coder-flash",
+            "qwen-long",
+        ] {
+            let info = c.model(m).unwrap_or_else(|| panic!("{m} missing"));
+            assert_eq!(info.free_tokens, 1_000_000);
+            assert_eq!(info.prices(Site::China).unwrap().currency, Currency::Cny);
+        }
+        assert_eq!(
+            c.model("qwen-max")
+                .unwrap()
+                .prices(Site::International)
+                .unwrap()
+                .currency,
+            Currency::Usd
+        );
+        assert!(c
+            .model("qwen-long")
+            .unwrap()
+            .prices(Site::International)
+            .is_none());
+    }
+
+    #[test]
+    fn overrides_merge_key_by_key() {
+        let over = "[models.qwen-max]\nfree_tokens = 100_000\n";
+        let c = Catalog::from_sources(&[("b", BUNDLED), ("user.toml", over)]).unwrap();
+        let m = c.model("qwen-max").unwrap();
+        assert_eq!(m.free_tokens, 100_000);
+        assert!(m.prices(Site::China).is_some(), "prices kept");
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let bad = "[models.qwen-max]\nfree_tokens = 1\nvalid_days = = 3\n";
+        let e = Catalog::from_sources(&[("b", BUNDLED), ("user.toml", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"user.toml\" line 3"), "{e}");
+        let bad = "[models.my-model]\nvalid_days = 200\n";
+        let e = Catalog::from_sources(&[("b", BUNDLED), ("user.toml", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"user.toml\" line 1") && e.contains("200"),
+            "{e}"
+        );
+        let bad = "[models.m.prices.china]\ncurrency = \"USD\"\ntiers = [{ input = \"1\", output = \"1\" }]\n";
+        let e = Catalog::from_sources(&[("b", BUNDLED), ("u", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CNY"), "{e}");
+        let bad = "[models.m.prices.china]\ncurrency = \"CNY\"\ntiers = [{ input = \"x\", output = \"1\" }]\n";
+        let e = Catalog::from_sources(&[("b", BUNDLED), ("u", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"x\""), "{e}");
+    }
+
+    #[test]
+    fn regions_and_sites() {
+        assert!(check_region("cn-beijing").is_ok());
+        assert!(check_region("mars-1")
+            .unwrap_err()
+            .to_string()
+            .contains("\"mars-1\""));
+        assert_eq!(Site::International.free_region(), "ap-southeast-1");
+        assert!(Site::parse("moon").is_err());
+    }
+}

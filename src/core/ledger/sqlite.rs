@@ -1,0 +1,718 @@
+//! The embedded default ledger: one SQLite file shared by every thread,
+//! process and guard that opens it. WAL mode, `BEGIN IMMEDIATE` around each
+//! read-decide-write step, a busy timeout, and a versioned schema.
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
+
+use super::{
+    AccountRow, Backend, DailyRow, HourRow, RecordQuery, ReservationRow, StatsDelta, Tx,
+    UsageRecord, STALE_RESERVATION_MS,
+};
+use crate::core::clock::{cst_day, system_now_ms};
+use crate::core::error::{QuotaError, Result};
+use crate::core::money::Currency;
+use crate::core::quota::QuotaRow;
+use crate::core::rules::{CostType, Kind};
+
+/// The schema this build writes. Each entry of `MIGRATIONS` moves one version up.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1
+    "CREATE TABLE quotas (
+        account TEXT NOT NULL, model TEXT NOT NULL,
+        total INTEGER NOT NULL, used INTEGER NOT NULL,
+        activated_ms INTEGER NOT NULL, valid_days INTEGER NOT NULL,
+        free_only INTEGER NOT NULL, configured INTEGER NOT NULL,
+        PRIMARY KEY (account, model)) WITHOUT ROWID;
+    CREATE TABLE accounts (
+        account TEXT PRIMARY KEY, overdue INTEGER NOT NULL, balance INTEGER) WITHOUT ROWID;
+    CREATE TABLE reservations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, account TEXT NOT NULL, model TEXT NOT NULL,
+        kind TEXT NOT NULL, input_tokens INTEGER NOT NULL, worst INTEGER NOT NULL,
+        free_part INTEGER NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);
+    CREATE INDEX reservations_by_quota ON reservations (account, model, expires_ms);
+    CREATE TABLE records (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, time_ms INTEGER NOT NULL,
+        account TEXT NOT NULL, user TEXT NOT NULL, workspace TEXT, model TEXT NOT NULL,
+        kind TEXT NOT NULL, request_id TEXT,
+        input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL, thinking INTEGER NOT NULL,
+        free_tokens INTEGER NOT NULL, billable_input INTEGER NOT NULL,
+        billable_output INTEGER NOT NULL, cost INTEGER, currency TEXT NOT NULL,
+        cost_type TEXT NOT NULL);
+    CREATE INDEX records_by_time ON records (account, time_ms);
+    CREATE TABLE daily (
+        account TEXT NOT NULL, day TEXT NOT NULL, model TEXT NOT NULL, kind TEXT NOT NULL,
+        calls INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+        free_tokens INTEGER NOT NULL, billable_input INTEGER NOT NULL,
+        billable_output INTEGER NOT NULL, cost INTEGER NOT NULL,
+        unpriced_calls INTEGER NOT NULL, currency TEXT NOT NULL,
+        PRIMARY KEY (account, day, model, kind)) WITHOUT ROWID;
+    CREATE TABLE hourly (
+        account TEXT NOT NULL, model TEXT NOT NULL, hour_ms INTEGER NOT NULL,
+        calls INTEGER NOT NULL, refusals INTEGER NOT NULL, failures INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+        PRIMARY KEY (account, model, hour_ms)) WITHOUT ROWID;
+    CREATE TABLE alerts (
+        account TEXT NOT NULL, key TEXT NOT NULL, fired_ms INTEGER NOT NULL,
+        PRIMARY KEY (account, key)) WITHOUT ROWID;",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// Durable across a crash of the process (the default).
+    Normal,
+    /// Durable across a crash of the machine: one fsync per step.
+    Full,
+}
+
+pub struct Sqlite {
+    name: String,
+    conn: Mutex<Connection>,
+}
+
+fn ledger_err(name: &str, message: impl Into<String>) -> QuotaError {
+    QuotaError::Ledger {
+        ledger: name.to_string(),
+        message: message.into(),
+    }
+}
+
+fn db_err(name: &str, e: rusqlite::Error) -> QuotaError {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        match f.code {
+            ErrorCode::NotADatabase => return ledger_err(
+                name,
+                "is not a quotaguard ledger (not a SQLite database); the file was left untouched",
+            ),
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => return ledger_err(
+                name,
+                format!(
+                    "is locked by another process and stayed locked past the busy timeout ({e})"
+                ),
+            ),
+            ErrorCode::DatabaseCorrupt => {
+                return ledger_err(name, format!("is corrupt ({e}); restore it from a copy"))
+            }
+            ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::PermissionDenied => {
+                return ledger_err(name, format!("cannot be written ({e})"))
+            }
+            _ => {}
+        }
+    }
+    ledger_err(name, e.to_string())
+}
+
+/// Creates `dir` (and its parents) readable by its owner only.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
+impl Sqlite {
+    /// Opens (creating if needed, mode 0600) the ledger file at `path`.
+    pub fn open(path: &Path, sync: Sync) -> Result<Self> {
+        let name = path.display().to_string();
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(PathBuf::from);
+        if let Some(d) = &dir {
+            if !d.is_dir() {
+                return Err(ledger_err(
+                    &name,
+                    format!("directory {:?} does not exist", d.display().to_string()),
+                ));
+            }
+        }
+        // Create the file ourselves so it is born 0600; an existing file is not modified.
+        let mut oo = fs::OpenOptions::new();
+        oo.read(true).append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut oo, 0o600);
+        oo.open(path)
+            .map_err(|e| ledger_err(&name, format!("cannot be opened or created: {e}")))?;
+
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| db_err(&name, e))?;
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(|e| db_err(&name, e))?;
+        // Reading the header first: a file that is not a database fails here, unmodified.
+        conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| db_err(&name, e))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| db_err(&name, e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(ledger_err(
+                &name,
+                format!("could not switch to WAL mode (got {mode:?})"),
+            ));
+        }
+        let sync_sql = match sync {
+            Sync::Normal => "PRAGMA synchronous=NORMAL",
+            Sync::Full => "PRAGMA synchronous=FULL",
+        };
+        conn.execute_batch(sync_sql).map_err(|e| db_err(&name, e))?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let me = Self {
+            name,
+            conn: Mutex::new(conn),
+        };
+        me.migrate()?;
+        Ok(me)
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let name = self.name.as_str();
+        let c = self.conn.lock();
+        let e = |e| db_err(name, e);
+        c.execute_batch("BEGIN IMMEDIATE").map_err(e)?;
+        let run = || -> Result<()> {
+            c.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                .map_err(e)?;
+            let current: Option<i64> = c
+                .query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0))
+                .map_err(e)?;
+            let current = current.unwrap_or(0);
+            if current > SCHEMA_VERSION {
+                return Err(ledger_err(
+                    name,
+                    format!(
+                        "was written by schema version {current}, newer than this quotaguard understands \
+                         ({SCHEMA_VERSION}); upgrade quotaguard"
+                    ),
+                ));
+            }
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+                c.execute_batch(sql).map_err(e)?;
+                c.execute(
+                    "INSERT INTO schema_version (version) VALUES (?1)",
+                    [i as i64 + 1],
+                )
+                .map_err(e)?;
+            }
+            // Reservations whose lease ended long ago only take space.
+            c.execute(
+                "DELETE FROM reservations WHERE expires_ms < ?1",
+                [system_now_ms() - STALE_RESERVATION_MS],
+            )
+            .map_err(e)?;
+            Ok(())
+        };
+        match run() {
+            Ok(()) => c.execute_batch("COMMIT").map_err(e),
+            Err(err) => {
+                let _ = c.execute_batch("ROLLBACK");
+                Err(err)
+            }
+        }
+    }
+
+    fn step<R>(&self, begin: &str, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        let conn = self.conn.lock();
+        conn.execute_batch(begin)
+            .map_err(|e| db_err(&self.name, e))?;
+        let mut tx = SqliteTx {
+            conn: &conn,
+            name: &self.name,
+        };
+        match f(&mut tx) {
+            Ok(v) => match conn.execute_batch("COMMIT") {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    Err(db_err(&self.name, e))
+                }
+            },
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Backend for Sqlite {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn write<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        self.step("BEGIN IMMEDIATE", f)
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
+        self.step("BEGIN", f)
+    }
+}
+
+pub struct SqliteTx<'a> {
+    conn: &'a Connection,
+    name: &'a str,
+}
+
+fn kind_of(text: &str) -> Kind {
+    Kind::parse(text).unwrap_or(Kind::Realtime)
+}
+
+fn currency_of(text: &str) -> Currency {
+    Currency::parse(text).unwrap_or(Currency::Cny)
+}
+
+fn day_of(text: &str) -> NaiveDate {
+    NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap_or_default()
+}
+
+fn u(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+fn i(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+fn record_from(r: &Row<'_>) -> rusqlite::Result<UsageRecord> {
+    let kind: String = r.get(6)?;
+    let currency: String = r.get(16)?;
+    let cost_type: String = r.get(17)?;
+    Ok(UsageRecord {
+        id: r.get(0)?,
+        time_ms: r.get(1)?,
+        account: r.get(2)?,
+        user: r.get(3)?,
+        workspace: r.get(4)?,
+        model: r.get(5)?,
+        kind: kind_of(&kind),
+        request_id: r.get(7)?,
+        input_tokens: u(r.get(8)?),
+        output_tokens: u(r.get(9)?),
+        cached_tokens: u(r.get(10)?),
+        thinking: r.get(11)?,
+        free_tokens: u(r.get(12)?),
+        billable_input_tokens: u(r.get(13)?),
+        billable_output_tokens: u(r.get(14)?),
+        cost: r.get(15)?,
+        currency: currency_of(&currency),
+        cost_type: CostType::parse(&cost_type).unwrap_or(CostType::Unpriced),
+    })
+}
+
+impl SqliteTx<'_> {
+    fn err(&self, e: rusqlite::Error) -> QuotaError {
+        db_err(self.name, e)
+    }
+}
+
+impl Tx for SqliteTx<'_> {
+    fn quota(&mut self, account: &str, model: &str) -> Result<Option<QuotaRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT total, used, activated_ms, valid_days, free_only, configured
+                 FROM quotas WHERE account = ?1 AND model = ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        st.query_row(params![account, model], |r| {
+            Ok(QuotaRow {
+                total: u(r.get(0)?),
+                used: u(r.get(1)?),
+                activated_ms: r.get(2)?,
+                valid_days: r.get::<_, i64>(3)? as u32,
+                free_only: r.get(4)?,
+                configured: r.get(5)?,
+            })
+        })
+        .optional()
+        .map_err(|e| self.err(e))
+    }
+
+    fn put_quota(&mut self, account: &str, model: &str, q: &QuotaRow) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO quotas
+                 (account, model, total, used, activated_ms, valid_days, free_only, configured)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(|e| self.err(e))?;
+        st.execute(params![
+            account,
+            model,
+            i(q.total),
+            i(q.used),
+            q.activated_ms,
+            q.valid_days as i64,
+            q.free_only,
+            q.configured
+        ])
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn quota_models(&mut self, account: &str) -> Result<Vec<String>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT model FROM quotas WHERE account = ?1 ORDER BY model")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([account], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<String>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    fn reserved(
+        &mut self,
+        account: &str,
+        model: &str,
+        now_ms: i64,
+        except: Option<i64>,
+    ) -> Result<u64> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT coalesce(sum(free_part), 0) FROM reservations
+                 WHERE account = ?1 AND model = ?2 AND expires_ms > ?3 AND id != ?4",
+            )
+            .map_err(|e| self.err(e))?;
+        let v: i64 = st
+            .query_row(params![account, model, now_ms, except.unwrap_or(-1)], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(u(v))
+    }
+
+    fn insert_reservation(&mut self, r: &ReservationRow) -> Result<i64> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO reservations
+                 (account, model, kind, input_tokens, worst, free_part, created_ms, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(|e| self.err(e))?;
+        st.execute(params![
+            r.account,
+            r.model,
+            r.kind.as_str(),
+            i(r.input_tokens),
+            i(r.worst),
+            i(r.free_part),
+            r.created_ms,
+            r.expires_ms
+        ])
+        .map_err(|e| self.err(e))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    fn reservation(&mut self, id: i64) -> Result<Option<ReservationRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT id, account, model, kind, input_tokens, worst, free_part, created_ms, expires_ms
+                 FROM reservations WHERE id = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        st.query_row([id], |r| {
+            let kind: String = r.get(3)?;
+            Ok(ReservationRow {
+                id: r.get(0)?,
+                account: r.get(1)?,
+                model: r.get(2)?,
+                kind: kind_of(&kind),
+                input_tokens: u(r.get(4)?),
+                worst: u(r.get(5)?),
+                free_part: u(r.get(6)?),
+                created_ms: r.get(7)?,
+                expires_ms: r.get(8)?,
+            })
+        })
+        .optional()
+        .map_err(|e| self.err(e))
+    }
+
+    fn delete_reservation(&mut self, id: i64) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached("DELETE FROM reservations WHERE id = ?1")
+            .map_err(|e| self.err(e))?;
+        st.execute([id]).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn account(&mut self, account: &str) -> Result<AccountRow> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT overdue, balance FROM accounts WHERE account = ?1")
+            .map_err(|e| self.err(e))?;
+        let row = st
+            .query_row([account], |r| {
+                Ok(AccountRow {
+                    overdue: r.get(0)?,
+                    balance: r.get(1)?,
+                })
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(row.unwrap_or_default())
+    }
+
+    fn put_account(&mut self, account: &str, a: &AccountRow) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO accounts (account, overdue, balance) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(|e| self.err(e))?;
+        st.execute(params![account, a.overdue, a.balance])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn append_record(&mut self, r: &mut UsageRecord) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO records (time_ms, account, user, workspace, model, kind, request_id,
+                 input_tokens, output_tokens, cached_tokens, thinking, free_tokens, billable_input,
+                 billable_output, cost, currency, cost_type)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            )
+            .map_err(|e| self.err(e))?;
+        st.execute(params![
+            r.time_ms,
+            r.account,
+            r.user,
+            r.workspace,
+            r.model,
+            r.kind.as_str(),
+            r.request_id,
+            i(r.input_tokens),
+            i(r.output_tokens),
+            i(r.cached_tokens),
+            r.thinking,
+            i(r.free_tokens),
+            i(r.billable_input_tokens),
+            i(r.billable_output_tokens),
+            r.cost,
+            r.currency.code(),
+            r.cost_type.as_str()
+        ])
+        .map_err(|e| self.err(e))?;
+        r.id = self.conn.last_insert_rowid();
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO daily (account, day, model, kind, calls, input_tokens, output_tokens,
+                 free_tokens, billable_input, billable_output, cost, unpriced_calls, currency)
+                 VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                 ON CONFLICT (account, day, model, kind) DO UPDATE SET
+                   calls = calls + 1,
+                   input_tokens = input_tokens + excluded.input_tokens,
+                   output_tokens = output_tokens + excluded.output_tokens,
+                   free_tokens = free_tokens + excluded.free_tokens,
+                   billable_input = billable_input + excluded.billable_input,
+                   billable_output = billable_output + excluded.billable_output,
+                   cost = cost + excluded.cost,
+                   unpriced_calls = unpriced_calls + excluded.unpriced_calls",
+            )
+            .map_err(|e| self.err(e))?;
+        st.execute(params![
+            r.account,
+            cst_day(r.time_ms).to_string(),
+            r.model,
+            r.kind.as_str(),
+            i(r.input_tokens),
+            i(r.output_tokens),
+            i(r.free_tokens),
+            i(r.billable_input_tokens),
+            i(r.billable_output_tokens),
+            r.cost.unwrap_or(0),
+            i64::from(r.cost_type == CostType::Unpriced),
+            r.currency.code()
+        ])
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn bump_hour(
+        &mut self,
+        account: &str,
+        model: &str,
+        hour_ms: i64,
+        d: &StatsDelta,
+    ) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO hourly (account, model, hour_ms, calls, refusals, failures, input_tokens, output_tokens)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (account, model, hour_ms) DO UPDATE SET
+                   calls = calls + excluded.calls, refusals = refusals + excluded.refusals,
+                   failures = failures + excluded.failures,
+                   input_tokens = input_tokens + excluded.input_tokens,
+                   output_tokens = output_tokens + excluded.output_tokens",
+            )
+            .map_err(|e| self.err(e))?;
+        st.execute(params![
+            account,
+            model,
+            hour_ms,
+            i(d.calls),
+            i(d.refusals),
+            i(d.failures),
+            i(d.input_tokens),
+            i(d.output_tokens)
+        ])
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn fire_once(&mut self, account: &str, key: &str, now_ms: i64) -> Result<bool> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO alerts (account, key, fired_ms) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(|e| self.err(e))?;
+        let n = st
+            .execute(params![account, key, now_ms])
+            .map_err(|e| self.err(e))?;
+        Ok(n == 1)
+    }
+
+    fn day_cost(&mut self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i64> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT coalesce(sum(cost), 0) FROM daily
+                 WHERE account = ?1 AND day = ?2 AND (?3 IS NULL OR model = ?3)",
+            )
+            .map_err(|e| self.err(e))?;
+        st.query_row(params![account, day.to_string(), model], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    fn records(&mut self, q: &RecordQuery) -> Result<Vec<UsageRecord>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT id, time_ms, account, user, workspace, model, kind, request_id, input_tokens,
+                 output_tokens, cached_tokens, thinking, free_tokens, billable_input, billable_output,
+                 cost, currency, cost_type
+                 FROM records
+                 WHERE account = ?1 AND time_ms >= ?2 AND time_ms < ?3
+                   AND (?4 IS NULL OR model = ?4) AND (?5 IS NULL OR user = ?5)
+                   AND (?6 IS NULL OR workspace = ?6) AND (?7 IS NULL OR kind = ?7)
+                 ORDER BY time_ms, id LIMIT ?8",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(
+                params![
+                    q.account,
+                    q.since_ms.unwrap_or(i64::MIN),
+                    q.until_ms.unwrap_or(i64::MAX),
+                    q.model,
+                    q.user,
+                    q.workspace,
+                    q.kind.map(|k| k.as_str()),
+                    q.limit.map_or(-1, i)
+                ],
+                record_from,
+            )
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    fn daily(&mut self, account: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<DailyRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT day, model, kind, calls, input_tokens, output_tokens, free_tokens, billable_input,
+                 billable_output, cost, unpriced_calls, currency
+                 FROM daily WHERE account = ?1 AND day >= ?2 AND day < ?3 ORDER BY day, model, kind",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![account, from.to_string(), to.to_string()], |r| {
+                let day: String = r.get(0)?;
+                let kind: String = r.get(2)?;
+                let currency: String = r.get(11)?;
+                Ok(DailyRow {
+                    day: day_of(&day),
+                    model: r.get(1)?,
+                    kind: kind_of(&kind),
+                    calls: u(r.get(3)?),
+                    input_tokens: u(r.get(4)?),
+                    output_tokens: u(r.get(5)?),
+                    free_tokens: u(r.get(6)?),
+                    billable_input_tokens: u(r.get(7)?),
+                    billable_output_tokens: u(r.get(8)?),
+                    cost: r.get(9)?,
+                    unpriced_calls: u(r.get(10)?),
+                    currency: currency_of(&currency),
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    fn hourly(
+        &mut self,
+        account: &str,
+        model: Option<&str>,
+        since_ms: Option<i64>,
+    ) -> Result<Vec<HourRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT hour_ms, model, calls, refusals, failures, input_tokens, output_tokens
+                 FROM hourly WHERE account = ?1 AND (?2 IS NULL OR model = ?2) AND hour_ms >= ?3
+                 ORDER BY hour_ms, model",
+            )
+            .map_err(|e| self.err(e))?;
+        let since = since_ms.map_or(i64::MIN, crate::core::clock::hour_start);
+        let rows = st
+            .query_map(params![account, model, since], |r| {
+                Ok(HourRow {
+                    hour_ms: r.get(0)?,
+                    model: r.get(1)?,
+                    calls: u(r.get(2)?),
+                    refusals: u(r.get(3)?),
+                    failures: u(r.get(4)?),
+                    input_tokens: u(r.get(5)?),
+                    output_tokens: u(r.get(6)?),
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    fn compact(&mut self, account: &str, before_ms: i64) -> Result<u64> {
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM records WHERE account = ?1 AND time_ms < ?2",
+                params![account, before_ms],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n as u64)
+    }
+}

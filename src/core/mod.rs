@@ -1,0 +1,16 @@
+//! The pure-Rust heart of quotaguard: no Python anywhere below this module.
+//!
+//! A request flows one way: the caller asks [`guard::Guard::reserve`], the
+//! rules ([`rules`]) decide inside the ledger's atomic step ([`ledger`]), the
+//! service is called, and [`guard::Guard::settle`] records what it reported.
+pub mod catalog;
+pub mod clock;
+pub mod error;
+pub mod guard;
+pub mod ledger;
+pub mod money;
+pub mod quota;
+pub mod rules;
+pub mod tokens;
+
+pub use error::{QuotaError, Result};
