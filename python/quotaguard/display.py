@@ -55,7 +55,9 @@ def status_text(guard: QuotaGuard) -> str:
     overdue = guard.overdue
     balance = guard.balance
     if balance is not None or overdue:
-        money = f"balance {balance} {guard.currency}" if balance is not None else "balance untracked"
+        money = (
+            f"balance {balance} {guard.currency}" if balance is not None else "balance untracked"
+        )
         lines.append(money + ("  OVERDUE: every call is refused" if overdue else ""))
     return "\n".join(lines)
 

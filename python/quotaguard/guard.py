@@ -13,7 +13,7 @@ from decimal import Decimal
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from . import _core
 from ._core import Alert, UsageRecord
@@ -178,7 +178,7 @@ class QuotaGuard(_core.QuotaGuard):
         ``@guard.wrap(model="qwen-max")``. Sync, async and streaming functions."""
         from .wrap import wrap as _wrap
 
-        return _wrap(self, fn, model=model, kind=kind, clip=clip)  # type: ignore[arg-type]
+        return cast("F | Callable[[F], F]", _wrap(self, fn, model=model, kind=kind, clip=clip))
 
     def wrap_openai(self, client: Any, *, clip: bool = False) -> GuardedOpenAI:
         """An ``openai.OpenAI`` / ``AsyncOpenAI`` client whose calls are guarded."""

@@ -216,19 +216,19 @@ fn text_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
 impl PyQuotaGuard {
     #[new]
     #[pyo3(signature = (
-        ledger=None, account="default".to_string(), user="root".to_string(), workspace=None,
-        region="cn-beijing".to_string(), site="china".to_string(), verified=true, catalog=None,
+        ledger=None, account="default", user="root", workspace=None,
+        region="cn-beijing", site="china", verified=true, catalog=None,
         lease_seconds=600.0, clock=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn py_new(
         py: Python<'_>,
         ledger: Option<&Bound<'_, PyAny>>,
-        account: String,
-        user: String,
+        account: &str,
+        user: &str,
         workspace: Option<String>,
-        region: String,
-        site: String,
+        region: &str,
+        site: &str,
         verified: bool,
         catalog: Option<PathBuf>,
         lease_seconds: f64,
@@ -240,11 +240,11 @@ impl PyQuotaGuard {
             )));
         }
         let config = Config {
-            account,
-            user,
+            account: account.to_string(),
+            user: user.to_string(),
             workspace,
-            region,
-            site: q(Site::parse(&site))?,
+            region: region.to_string(),
+            site: q(Site::parse(site))?,
             verified,
             lease_ms: (lease_seconds * 1000.0).round() as i64,
         };

@@ -580,7 +580,8 @@ impl Guard {
                 .unwrap_or(0);
             if let Err(e) = self.hold_budget_cost(&mut hold, cost) {
                 self.end_hold(&hold, None);
-                self.ledger.release(self.account(), row.id, false, now_ms)?;
+                self.ledger
+                    .release(self.account(), model, row.id, false, now_ms)?;
                 return Err(e);
             }
         }
@@ -639,7 +640,8 @@ impl Guard {
         now_ms: i64,
     ) -> Result<Release> {
         self.end_hold(hold, None);
-        self.ledger.release(self.account(), row.id, failed, now_ms)
+        self.ledger
+            .release(self.account(), &row.model, row.id, failed, now_ms)
     }
 
     // ---- budgets ----

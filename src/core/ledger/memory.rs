@@ -104,11 +104,16 @@ impl Tx for State {
         Ok(id)
     }
 
-    fn reservation(&mut self, id: i64) -> Result<Option<ReservationRow>> {
+    fn reservation(
+        &mut self,
+        _account: &str,
+        _model: &str,
+        id: i64,
+    ) -> Result<Option<ReservationRow>> {
         Ok(self.reservations.get(&id).cloned())
     }
 
-    fn delete_reservation(&mut self, id: i64) -> Result<()> {
+    fn delete_reservation(&mut self, _account: &str, _model: &str, id: i64) -> Result<()> {
         self.reservations.remove(&id);
         Ok(())
     }
@@ -159,6 +164,7 @@ impl Tx for State {
         &mut self,
         account: &str,
         model: &str,
+        _kind: Kind,
         hour_ms: i64,
         d: &StatsDelta,
     ) -> Result<()> {

@@ -249,7 +249,14 @@ pub trait Ledger: Send + Sync {
         -> Result<QuotaRow>;
     fn reserve(&self, a: &ReserveArgs<'_>) -> Result<std::result::Result<ReservationRow, Refusal>>;
     fn settle(&self, a: &SettleArgs<'_>) -> Result<SettleOutcome>;
-    fn release(&self, account: &str, id: i64, failed: bool, now_ms: i64) -> Result<Release>;
+    fn release(
+        &self,
+        account: &str,
+        model: &str,
+        id: i64,
+        failed: bool,
+        now_ms: i64,
+    ) -> Result<Release>;
     fn account(&self, account: &str) -> Result<AccountRow>;
     fn update_account(&self, account: &str, op: AccountOp) -> Result<AccountRow>;
     fn records(&self, q: &RecordQuery) -> Result<Vec<UsageRecord>>;
@@ -281,14 +288,25 @@ pub trait Tx {
         except: Option<i64>,
     ) -> Result<u64>;
     fn insert_reservation(&mut self, r: &ReservationRow) -> Result<i64>;
-    fn reservation(&mut self, id: i64) -> Result<Option<ReservationRow>>;
-    fn delete_reservation(&mut self, id: i64) -> Result<()>;
+    fn reservation(
+        &mut self,
+        account: &str,
+        model: &str,
+        id: i64,
+    ) -> Result<Option<ReservationRow>>;
+    fn delete_reservation(&mut self, account: &str, model: &str, id: i64) -> Result<()>;
     fn account(&mut self, account: &str) -> Result<AccountRow>;
     fn put_account(&mut self, account: &str, a: &AccountRow) -> Result<()>;
     /// Appends the record (assigning its id) and adds it to the daily totals.
     fn append_record(&mut self, r: &mut UsageRecord) -> Result<()>;
-    fn bump_hour(&mut self, account: &str, model: &str, hour_ms: i64, d: &StatsDelta)
-        -> Result<()>;
+    fn bump_hour(
+        &mut self,
+        account: &str,
+        model: &str,
+        kind: Kind,
+        hour_ms: i64,
+        d: &StatsDelta,
+    ) -> Result<()>;
     /// Records that alert `key` fired; false if it had fired before.
     fn fire_once(&mut self, account: &str, key: &str, now_ms: i64) -> Result<bool>;
     fn day_cost(&mut self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i64>;
@@ -544,7 +562,7 @@ impl<B: Backend> Ledger for Local<B> {
                         refusals: 1,
                         ..Default::default()
                     };
-                    tx.bump_hour(a.account, a.model, hour_start(a.now_ms), &d)?;
+                    tx.bump_hour(a.account, a.model, a.kind, hour_start(a.now_ms), &d)?;
                     Ok(Err(r))
                 }
                 Admission::Admit { free_part } => {
@@ -570,10 +588,10 @@ impl<B: Backend> Ledger for Local<B> {
         self.0.write(|tx| {
             let mut lease_expired = false;
             if let Some(id) = a.reservation {
-                match tx.reservation(id)? {
+                match tx.reservation(a.account, a.model, id)? {
                     Some(r) => {
                         lease_expired = r.expires_ms <= a.now_ms;
-                        tx.delete_reservation(id)?;
+                        tx.delete_reservation(a.account, a.model, id)?;
                     }
                     None => {
                         return Err(QuotaError::Rejected(format!(
@@ -647,7 +665,7 @@ impl<B: Backend> Ledger for Local<B> {
                 output_tokens: a.output_tokens,
                 ..Default::default()
             };
-            tx.bump_hour(a.account, a.model, hour_start(a.now_ms), &d)?;
+            tx.bump_hour(a.account, a.model, a.kind, hour_start(a.now_ms), &d)?;
             // R7: pay-as-you-go charges draw on a tracked balance.
             if let Some(c) = cost.filter(|c| *c > 0) {
                 let mut acct = tx.account(a.account)?;
@@ -673,18 +691,25 @@ impl<B: Backend> Ledger for Local<B> {
         })
     }
 
-    fn release(&self, account: &str, id: i64, failed: bool, now_ms: i64) -> Result<Release> {
+    fn release(
+        &self,
+        account: &str,
+        model: &str,
+        id: i64,
+        failed: bool,
+        now_ms: i64,
+    ) -> Result<Release> {
         self.0.write(|tx| {
-            let Some(r) = tx.reservation(id)? else {
+            let Some(r) = tx.reservation(account, model, id)? else {
                 return Ok(Release::Unknown);
             };
-            tx.delete_reservation(id)?;
+            tx.delete_reservation(account, model, id)?;
             if failed {
                 let d = StatsDelta {
                     failures: 1,
                     ..Default::default()
                 };
-                tx.bump_hour(account, &r.model, hour_start(now_ms), &d)?;
+                tx.bump_hour(account, &r.model, r.kind, hour_start(now_ms), &d)?;
             }
             Ok(Release::Released)
         })
@@ -752,6 +777,20 @@ impl<B: Backend> Ledger for Local<B> {
 /// CST days `[from, to)` as epoch-millisecond bounds.
 pub fn day_bounds(from: NaiveDate, to: NaiveDate) -> (i64, i64) {
     (cst_day_start(from), cst_day_start(to))
+}
+
+/// A fresh positive 63-bit id, unpredictable across processes (no shared counter).
+pub fn fresh_id() -> i64 {
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static SEED: OnceLock<RandomState> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let h = SEED
+        .get_or_init(RandomState::new)
+        .hash_one((n, std::process::id()));
+    (h >> 1) as i64 | 1
 }
 
 /// Reservations that expired more than a day ago are deleted when a ledger opens.

@@ -13,7 +13,7 @@ use super::{
     AccountRow, Backend, DailyRow, HourRow, RecordQuery, ReservationRow, StatsDelta, Tx,
     UsageRecord, STALE_RESERVATION_MS,
 };
-use crate::core::clock::{cst_day, system_now_ms};
+use crate::core::clock::{cst_day, hour_start, system_now_ms, DAY_MS};
 use crate::core::error::{QuotaError, Result};
 use crate::core::money::Currency;
 use crate::core::quota::QuotaRow;
@@ -33,32 +33,31 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE accounts (
         account TEXT PRIMARY KEY, overdue INTEGER NOT NULL, balance INTEGER) WITHOUT ROWID;
     CREATE TABLE reservations (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, account TEXT NOT NULL, model TEXT NOT NULL,
+        account TEXT NOT NULL, model TEXT NOT NULL, id INTEGER NOT NULL,
         kind TEXT NOT NULL, input_tokens INTEGER NOT NULL, worst INTEGER NOT NULL,
-        free_part INTEGER NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);
-    CREATE INDEX reservations_by_quota ON reservations (account, model, expires_ms);
+        free_part INTEGER NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+        PRIMARY KEY (account, model, id)) WITHOUT ROWID;
     CREATE TABLE records (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, time_ms INTEGER NOT NULL,
-        account TEXT NOT NULL, user TEXT NOT NULL, workspace TEXT, model TEXT NOT NULL,
+        account TEXT NOT NULL, time_ms INTEGER NOT NULL, id INTEGER NOT NULL,
+        user TEXT NOT NULL, workspace TEXT, model TEXT NOT NULL,
         kind TEXT NOT NULL, request_id TEXT,
         input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
         cached_tokens INTEGER NOT NULL, thinking INTEGER NOT NULL,
         free_tokens INTEGER NOT NULL, billable_input INTEGER NOT NULL,
         billable_output INTEGER NOT NULL, cost INTEGER, currency TEXT NOT NULL,
-        cost_type TEXT NOT NULL);
-    CREATE INDEX records_by_time ON records (account, time_ms);
-    CREATE TABLE daily (
-        account TEXT NOT NULL, day TEXT NOT NULL, model TEXT NOT NULL, kind TEXT NOT NULL,
-        calls INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
-        free_tokens INTEGER NOT NULL, billable_input INTEGER NOT NULL,
-        billable_output INTEGER NOT NULL, cost INTEGER NOT NULL,
-        unpriced_calls INTEGER NOT NULL, currency TEXT NOT NULL,
-        PRIMARY KEY (account, day, model, kind)) WITHOUT ROWID;
-    CREATE TABLE hourly (
-        account TEXT NOT NULL, model TEXT NOT NULL, hour_ms INTEGER NOT NULL,
-        calls INTEGER NOT NULL, refusals INTEGER NOT NULL, failures INTEGER NOT NULL,
-        input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
-        PRIMARY KEY (account, model, hour_ms)) WITHOUT ROWID;
+        cost_type TEXT NOT NULL,
+        PRIMARY KEY (account, time_ms, id)) WITHOUT ROWID;
+    -- Running totals per hour, model and kind: call statistics and (summed by CST
+    -- day) bills, so neither ever scans the records.
+    CREATE TABLE totals (
+        account TEXT NOT NULL, hour_ms INTEGER NOT NULL, model TEXT NOT NULL, kind TEXT NOT NULL,
+        calls INTEGER NOT NULL DEFAULT 0, refusals INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0, input_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0, records INTEGER NOT NULL DEFAULT 0,
+        free_tokens INTEGER NOT NULL DEFAULT 0, billable_input INTEGER NOT NULL DEFAULT 0,
+        billable_output INTEGER NOT NULL DEFAULT 0, cost INTEGER NOT NULL DEFAULT 0,
+        unpriced_calls INTEGER NOT NULL DEFAULT 0, currency TEXT,
+        PRIMARY KEY (account, hour_ms, model, kind)) WITHOUT ROWID;
     CREATE TABLE alerts (
         account TEXT NOT NULL, key TEXT NOT NULL, fired_ms INTEGER NOT NULL,
         PRIMARY KEY (account, key)) WITHOUT ROWID;",
@@ -91,12 +90,14 @@ fn db_err(name: &str, e: rusqlite::Error) -> QuotaError {
                 name,
                 "is not a quotaguard ledger (not a SQLite database); the file was left untouched",
             ),
-            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => return ledger_err(
-                name,
-                format!(
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+                return ledger_err(
+                    name,
+                    format!(
                     "is locked by another process and stayed locked past the busy timeout ({e})"
                 ),
-            ),
+                )
+            }
             ErrorCode::DatabaseCorrupt => {
                 return ledger_err(name, format!("is corrupt ({e}); restore it from a copy"))
             }
@@ -165,6 +166,10 @@ impl Sqlite {
             Sync::Full => "PRAGMA synchronous=FULL",
         };
         conn.execute_batch(sync_sql).map_err(|e| db_err(&name, e))?;
+        // Checkpoint (and fsync) every ~16 MiB of WAL rather than every 4 MiB, and keep
+        // the WAL file from growing without bound.
+        conn.execute_batch("PRAGMA wal_autocheckpoint=4096; PRAGMA journal_size_limit=67108864")
+            .map_err(|e| db_err(&name, e))?;
         conn.set_prepared_statement_cache_capacity(64);
         let me = Self {
             name,
@@ -271,10 +276,6 @@ fn currency_of(text: &str) -> Currency {
     Currency::parse(text).unwrap_or(Currency::Cny)
 }
 
-fn day_of(text: &str) -> NaiveDate {
-    NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap_or_default()
-}
-
 fn u(v: i64) -> u64 {
     v.max(0) as u64
 }
@@ -282,6 +283,10 @@ fn u(v: i64) -> u64 {
 fn i(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
+
+const RECORD_COLUMNS: &str = "id, time_ms, account, user, workspace, model, kind, request_id, \
+     input_tokens, output_tokens, cached_tokens, thinking, free_tokens, billable_input, \
+     billable_output, cost, currency, cost_type";
 
 fn record_from(r: &Row<'_>) -> rusqlite::Result<UsageRecord> {
     let kind: String = r.get(6)?;
@@ -384,7 +389,7 @@ impl Tx for SqliteTx<'_> {
             .conn
             .prepare_cached(
                 "SELECT coalesce(sum(free_part), 0) FROM reservations
-                 WHERE account = ?1 AND model = ?2 AND expires_ms > ?3 AND id != ?4",
+                 WHERE account = ?1 AND model = ?2 AND id != ?4 AND expires_ms > ?3",
             )
             .map_err(|e| self.err(e))?;
         let v: i64 = st
@@ -399,34 +404,47 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "INSERT INTO reservations
-                 (account, model, kind, input_tokens, worst, free_part, created_ms, expires_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT OR IGNORE INTO reservations
+                 (account, model, id, kind, input_tokens, worst, free_part, created_ms, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )
             .map_err(|e| self.err(e))?;
-        st.execute(params![
-            r.account,
-            r.model,
-            r.kind.as_str(),
-            i(r.input_tokens),
-            i(r.worst),
-            i(r.free_part),
-            r.created_ms,
-            r.expires_ms
-        ])
-        .map_err(|e| self.err(e))?;
-        Ok(self.conn.last_insert_rowid())
+        // Random ids: never reused across processes, and no shared counter page to write.
+        loop {
+            let id = super::fresh_id();
+            let n = st
+                .execute(params![
+                    r.account,
+                    r.model,
+                    id,
+                    r.kind.as_str(),
+                    i(r.input_tokens),
+                    i(r.worst),
+                    i(r.free_part),
+                    r.created_ms,
+                    r.expires_ms
+                ])
+                .map_err(|e| self.err(e))?;
+            if n == 1 {
+                return Ok(id);
+            }
+        }
     }
 
-    fn reservation(&mut self, id: i64) -> Result<Option<ReservationRow>> {
+    fn reservation(
+        &mut self,
+        account: &str,
+        model: &str,
+        id: i64,
+    ) -> Result<Option<ReservationRow>> {
         let mut st = self
             .conn
             .prepare_cached(
                 "SELECT id, account, model, kind, input_tokens, worst, free_part, created_ms, expires_ms
-                 FROM reservations WHERE id = ?1",
+                 FROM reservations WHERE account = ?1 AND model = ?2 AND id = ?3",
             )
             .map_err(|e| self.err(e))?;
-        st.query_row([id], |r| {
+        st.query_row(params![account, model, id], |r| {
             let kind: String = r.get(3)?;
             Ok(ReservationRow {
                 id: r.get(0)?,
@@ -444,12 +462,15 @@ impl Tx for SqliteTx<'_> {
         .map_err(|e| self.err(e))
     }
 
-    fn delete_reservation(&mut self, id: i64) -> Result<()> {
+    fn delete_reservation(&mut self, account: &str, model: &str, id: i64) -> Result<()> {
         let mut st = self
             .conn
-            .prepare_cached("DELETE FROM reservations WHERE id = ?1")
+            .prepare_cached(
+                "DELETE FROM reservations WHERE account = ?1 AND model = ?2 AND id = ?3",
+            )
             .map_err(|e| self.err(e))?;
-        st.execute([id]).map_err(|e| self.err(e))?;
+        st.execute(params![account, model, id])
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -486,57 +507,61 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "INSERT INTO records (time_ms, account, user, workspace, model, kind, request_id,
-                 input_tokens, output_tokens, cached_tokens, thinking, free_tokens, billable_input,
-                 billable_output, cost, currency, cost_type)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                "INSERT OR IGNORE INTO records (account, time_ms, id, user, workspace, model, kind,
+                 request_id, input_tokens, output_tokens, cached_tokens, thinking, free_tokens,
+                 billable_input, billable_output, cost, currency, cost_type)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             )
             .map_err(|e| self.err(e))?;
-        st.execute(params![
-            r.time_ms,
-            r.account,
-            r.user,
-            r.workspace,
-            r.model,
-            r.kind.as_str(),
-            r.request_id,
-            i(r.input_tokens),
-            i(r.output_tokens),
-            i(r.cached_tokens),
-            r.thinking,
-            i(r.free_tokens),
-            i(r.billable_input_tokens),
-            i(r.billable_output_tokens),
-            r.cost,
-            r.currency.code(),
-            r.cost_type.as_str()
-        ])
-        .map_err(|e| self.err(e))?;
-        r.id = self.conn.last_insert_rowid();
+        loop {
+            r.id = super::fresh_id();
+            let n = st
+                .execute(params![
+                    r.account,
+                    r.time_ms,
+                    r.id,
+                    r.user,
+                    r.workspace,
+                    r.model,
+                    r.kind.as_str(),
+                    r.request_id,
+                    i(r.input_tokens),
+                    i(r.output_tokens),
+                    i(r.cached_tokens),
+                    r.thinking,
+                    i(r.free_tokens),
+                    i(r.billable_input_tokens),
+                    i(r.billable_output_tokens),
+                    r.cost,
+                    r.currency.code(),
+                    r.cost_type.as_str()
+                ])
+                .map_err(|e| self.err(e))?;
+            if n == 1 {
+                break;
+            }
+        }
         let mut st = self
             .conn
             .prepare_cached(
-                "INSERT INTO daily (account, day, model, kind, calls, input_tokens, output_tokens,
-                 free_tokens, billable_input, billable_output, cost, unpriced_calls, currency)
-                 VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-                 ON CONFLICT (account, day, model, kind) DO UPDATE SET
-                   calls = calls + 1,
-                   input_tokens = input_tokens + excluded.input_tokens,
-                   output_tokens = output_tokens + excluded.output_tokens,
+                "INSERT INTO totals (account, hour_ms, model, kind, records, free_tokens,
+                 billable_input, billable_output, cost, unpriced_calls, currency)
+                 VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (account, hour_ms, model, kind) DO UPDATE SET
+                   records = records + 1,
                    free_tokens = free_tokens + excluded.free_tokens,
                    billable_input = billable_input + excluded.billable_input,
                    billable_output = billable_output + excluded.billable_output,
                    cost = cost + excluded.cost,
-                   unpriced_calls = unpriced_calls + excluded.unpriced_calls",
+                   unpriced_calls = unpriced_calls + excluded.unpriced_calls,
+                   currency = excluded.currency",
             )
             .map_err(|e| self.err(e))?;
         st.execute(params![
             r.account,
-            cst_day(r.time_ms).to_string(),
+            hour_start(r.time_ms),
             r.model,
             r.kind.as_str(),
-            i(r.input_tokens),
-            i(r.output_tokens),
             i(r.free_tokens),
             i(r.billable_input_tokens),
             i(r.billable_output_tokens),
@@ -552,15 +577,17 @@ impl Tx for SqliteTx<'_> {
         &mut self,
         account: &str,
         model: &str,
+        kind: Kind,
         hour_ms: i64,
         d: &StatsDelta,
     ) -> Result<()> {
         let mut st = self
             .conn
             .prepare_cached(
-                "INSERT INTO hourly (account, model, hour_ms, calls, refusals, failures, input_tokens, output_tokens)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (account, model, hour_ms) DO UPDATE SET
+                "INSERT INTO totals (account, hour_ms, model, kind, calls, refusals, failures,
+                 input_tokens, output_tokens)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (account, hour_ms, model, kind) DO UPDATE SET
                    calls = calls + excluded.calls, refusals = refusals + excluded.refusals,
                    failures = failures + excluded.failures,
                    input_tokens = input_tokens + excluded.input_tokens,
@@ -569,8 +596,9 @@ impl Tx for SqliteTx<'_> {
             .map_err(|e| self.err(e))?;
         st.execute(params![
             account,
-            model,
             hour_ms,
+            model,
+            kind.as_str(),
             i(d.calls),
             i(d.refusals),
             i(d.failures),
@@ -595,31 +623,27 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn day_cost(&mut self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i64> {
+        let (from, to) = super::day_bounds(day, day.succ_opt().unwrap_or(day));
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT coalesce(sum(cost), 0) FROM daily
-                 WHERE account = ?1 AND day = ?2 AND (?3 IS NULL OR model = ?3)",
+                "SELECT coalesce(sum(cost), 0) FROM totals
+                 WHERE account = ?1 AND hour_ms >= ?2 AND hour_ms < ?3 AND (?4 IS NULL OR model = ?4)",
             )
             .map_err(|e| self.err(e))?;
-        st.query_row(params![account, day.to_string(), model], |r| r.get(0))
+        st.query_row(params![account, from, to, model], |r| r.get(0))
             .map_err(|e| self.err(e))
     }
 
     fn records(&mut self, q: &RecordQuery) -> Result<Vec<UsageRecord>> {
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "SELECT id, time_ms, account, user, workspace, model, kind, request_id, input_tokens,
-                 output_tokens, cached_tokens, thinking, free_tokens, billable_input, billable_output,
-                 cost, currency, cost_type
-                 FROM records
-                 WHERE account = ?1 AND time_ms >= ?2 AND time_ms < ?3
-                   AND (?4 IS NULL OR model = ?4) AND (?5 IS NULL OR user = ?5)
-                   AND (?6 IS NULL OR workspace = ?6) AND (?7 IS NULL OR kind = ?7)
-                 ORDER BY time_ms, id LIMIT ?8",
-            )
-            .map_err(|e| self.err(e))?;
+        let sql = format!(
+            "SELECT {RECORD_COLUMNS} FROM records
+             WHERE account = ?1 AND time_ms >= ?2 AND time_ms < ?3
+               AND (?4 IS NULL OR model = ?4) AND (?5 IS NULL OR user = ?5)
+               AND (?6 IS NULL OR workspace = ?6) AND (?7 IS NULL OR kind = ?7)
+             ORDER BY time_ms, id LIMIT ?8"
+        );
+        let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
         let rows = st
             .query_map(
                 params![
@@ -640,21 +664,24 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn daily(&mut self, account: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<DailyRow>> {
+        let (from_ms, to_ms) = super::day_bounds(from, to);
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT day, model, kind, calls, input_tokens, output_tokens, free_tokens, billable_input,
-                 billable_output, cost, unpriced_calls, currency
-                 FROM daily WHERE account = ?1 AND day >= ?2 AND day < ?3 ORDER BY day, model, kind",
+                "SELECT (hour_ms + 28800000) / 86400000 AS d, model, kind, sum(records), sum(input_tokens),
+                 sum(output_tokens), sum(free_tokens), sum(billable_input), sum(billable_output),
+                 sum(cost), sum(unpriced_calls), max(currency)
+                 FROM totals WHERE account = ?1 AND hour_ms >= ?2 AND hour_ms < ?3 AND records > 0
+                 GROUP BY d, model, kind ORDER BY d, model, kind",
             )
             .map_err(|e| self.err(e))?;
         let rows = st
-            .query_map(params![account, from.to_string(), to.to_string()], |r| {
-                let day: String = r.get(0)?;
+            .query_map(params![account, from_ms, to_ms], |r| {
+                let day_index: i64 = r.get(0)?;
                 let kind: String = r.get(2)?;
-                let currency: String = r.get(11)?;
+                let currency: Option<String> = r.get(11)?;
                 Ok(DailyRow {
-                    day: day_of(&day),
+                    day: cst_day(day_index * DAY_MS),
                     model: r.get(1)?,
                     kind: kind_of(&kind),
                     calls: u(r.get(3)?),
@@ -665,7 +692,7 @@ impl Tx for SqliteTx<'_> {
                     billable_output_tokens: u(r.get(8)?),
                     cost: r.get(9)?,
                     unpriced_calls: u(r.get(10)?),
-                    currency: currency_of(&currency),
+                    currency: currency_of(currency.as_deref().unwrap_or("CNY")),
                 })
             })
             .map_err(|e| self.err(e))?;
@@ -682,12 +709,13 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT hour_ms, model, calls, refusals, failures, input_tokens, output_tokens
-                 FROM hourly WHERE account = ?1 AND (?2 IS NULL OR model = ?2) AND hour_ms >= ?3
-                 ORDER BY hour_ms, model",
+                "SELECT hour_ms, model, sum(calls), sum(refusals), sum(failures), sum(input_tokens),
+                 sum(output_tokens)
+                 FROM totals WHERE account = ?1 AND (?2 IS NULL OR model = ?2) AND hour_ms >= ?3
+                 GROUP BY hour_ms, model ORDER BY hour_ms, model",
             )
             .map_err(|e| self.err(e))?;
-        let since = since_ms.map_or(i64::MIN, crate::core::clock::hour_start);
+        let since = since_ms.map_or(i64::MIN, hour_start);
         let rows = st
             .query_map(params![account, model, since], |r| {
                 Ok(HourRow {

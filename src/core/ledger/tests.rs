@@ -84,7 +84,10 @@ fn reserve_settle_release_round_trip() {
             matches!(settle(l, r.id, 1, 1, T0), Err(QuotaError::Rejected(_))),
             "settled twice"
         );
-        assert_eq!(l.release("a", r.id, false, T0).unwrap(), Release::Unknown);
+        assert_eq!(
+            l.release("a", "m", r.id, false, T0).unwrap(),
+            Release::Unknown
+        );
         assert_eq!(
             l.records(&RecordQuery {
                 account: "a".into(),
