@@ -19,9 +19,9 @@ __all__ = [
     "QuotaGuard",
     "Reservation",
     "UsageRecord",
+    "__version__",
     "count_tokens",
     "set_vocabulary",
-    "__version__",
     "vocabulary_path",
 ]
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ._core import Quota
     from .guard import QuotaGuard
 
-__all__ = ["CST", "bar", "cst", "status_html", "status_text"]
+__all__ = ["CST", "bar", "cst", "state", "status_html", "status_text"]
 
 CST = timezone(timedelta(hours=8), "CST")
 
@@ -29,7 +29,8 @@ def bar(fraction: float, width: int = 20) -> str:
     return "█" * full + "░" * (width - full)
 
 
-def _state(q: Quota) -> str:
+def state(q: Quota) -> str:
+    """A quota's state in one word or two: active, free only, used up, expired, no free quota."""
     if q.expired:
         return "expired"
     if q.total == 0:
@@ -49,7 +50,7 @@ def status_text(guard: QuotaGuard) -> str:
     for q in quotas:
         lines.append(
             f"{q.model:<{width}}  {q.console:>21}  {bar(q.fraction_left)}  "
-            f"expires {cst(q.expires_at)}  {_state(q)}"
+            f"expires {cst(q.expires_at)}  {state(q)}"
             + (f"  ({q.reserved:,} reserved)" if q.reserved else "")
         )
     overdue = guard.overdue
@@ -76,7 +77,7 @@ def status_html(guard: QuotaGuard) -> str:
             f"<div style='width:{pct:.1f}%;background:{color};height:12px;border-radius:3px'>"
             "</div></div></td>"
             f"<td>{html.escape(cst(q.expires_at))}</td>"
-            f"<td>{html.escape(_state(q))}</td>"
+            f"<td>{html.escape(state(q))}</td>"
             "</tr>"
         )
     body = "".join(rows) or "<tr><td colspan=5>no free quota granted yet</td></tr>"
