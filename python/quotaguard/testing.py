@@ -1282,6 +1282,9 @@ _COMPAT: Final = "/compatible-mode/v1"
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm
+    # and the client's delayed ACK hold each response up by tens of milliseconds.
+    disable_nagle_algorithm = True
     server_version = "FakeDashScope"
     sys_version = ""
 

@@ -201,15 +201,14 @@ fn text_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
     if obj.is_none() {
         return Ok(String::new());
     }
-    obj.extract::<String>().map_err(|_| {
-        type_error(format!(
+    match obj.cast::<PyString>() {
+        // Lone surrogates cannot be UTF-8: count them as U+FFFD, as the tokenizer does.
+        Ok(s) => Ok(s.to_string_lossy().into_owned()),
+        Err(_) => Err(type_error(format!(
             "{what} must be a str, not {}",
-            obj.get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        ))
-    })
+            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))),
+    }
 }
 
 #[pymethods]

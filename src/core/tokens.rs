@@ -1,45 +1,1394 @@
-//! Placeholder until the BPE counter lands: the byte bound only.
-use std::path::Path;
-use std::sync::Arc;
+//! The input-token bound of a request (SPEC R8).
+//!
+//! A call may only go out if its worst case fits in the free quota, so the
+//! input side must never be under what the service bills. With the Qwen
+//! vocabulary (`dashscope/resources/qwen.tiktoken`) contents are counted with
+//! the same byte-level BPE as tiktoken, after the same pre-tokenizer
+//! (dashscope's `PAT_STR`); without it, the UTF-8 length is the bound, since
+//! every BPE token covers at least one byte. The chat framing of R8 is added
+//! on top in both cases.
+//!
+//! Pure Rust: no Python types, no global lock held while counting.
 
+use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use base64::Engine as _;
+use regex_syntax::hir::{Class, HirKind};
+use rustc_hash::FxHashMap;
+use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+
+/// Tokens of chat framing billed per message: `<|im_start|>`, the role, a
+/// newline, `<|im_end|>`, a newline.
 pub const MESSAGE_FRAMING: u64 = 5;
+/// Tokens that open the reply: `<|im_start|>assistant\n`.
 pub const REPLY_PRIMER: u64 = 3;
+/// Upper bound of the default system message the service adds when a request
+/// has none (Qwen2.5's template).
 pub const DEFAULT_SYSTEM: u64 = 21;
 
+/// dashscope's tokenizer encodes texts longer than this many code points in
+/// chunks split at newlines (`QwenTokenizer._CHUNK_SIZE`).
+const DASHSCOPE_CHUNK_CHARS: usize = 100_000;
+
+/// Rank of a byte string absent from the vocabulary (tiktoken's `Rank::MAX`).
+const NO_RANK: u32 = u32::MAX;
+
+/// Pieces up to this many bytes merge with tiktoken's own quadratic loop on a
+/// stack array; longer ones (long runs of CJK letters) with a heap.
+const SMALL_PIECE: usize = 16;
+
+/// Why a vocabulary could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("{0}")]
-    Io(String),
+    #[error("cannot read Qwen vocabulary \"{}\": {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("malformed Qwen vocabulary{}, line {line}: {reason}", in_file(.path.as_deref()))]
+    Malformed {
+        path: Option<PathBuf>,
+        line: usize,
+        reason: String,
+    },
+    #[error("Qwen vocabulary{} holds no tokens", in_file(.path.as_deref()))]
+    Empty { path: Option<PathBuf> },
 }
 
-pub struct Vocabulary;
+fn in_file(path: Option<&Path>) -> String {
+    path.map(|p| format!(" \"{}\"", p.display()))
+        .unwrap_or_default()
+}
 
-impl Vocabulary {
-    pub fn count(&self, text: &str) -> u64 {
-        text.len() as u64
+impl TokenError {
+    fn with_path(self, file: &Path) -> Self {
+        match self {
+            TokenError::Malformed { line, reason, .. } => TokenError::Malformed {
+                path: Some(file.to_path_buf()),
+                line,
+                reason,
+            },
+            TokenError::Empty { .. } => TokenError::Empty {
+                path: Some(file.to_path_buf()),
+            },
+            other => other,
+        }
     }
 }
 
-pub fn cached_vocabulary(path: &Path) -> Result<Arc<Vocabulary>, TokenError> {
-    Err(TokenError::Io(format!("{}", path.display())))
+/// A tiktoken BPE vocabulary (`base64token rank` per line).
+pub struct Vocabulary {
+    /// Tokens of up to 15 bytes, packed by `pack` (no byte comparisons on
+    /// lookup: these are nearly all the lookups merging does).
+    short: FxHashMap<u128, u32>,
+    /// Longer tokens.
+    long: FxHashMap<Vec<u8>, u32>,
+    /// Ranks of every two-byte string, indexed by `first << 8 | second`: the
+    /// first round of merges then needs no hashing.
+    pair_ranks: Box<[u32]>,
+    max_token_len: usize,
 }
 
+impl fmt::Debug for Vocabulary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vocabulary")
+            .field("len", &self.len())
+            .field("max_token_len", &self.max_token_len)
+            .finish()
+    }
+}
+
+/// A value quoted for an error message, cut short if long.
+fn shown(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out: String = text.chars().take(40).collect();
+    if out.len() < text.len() {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
+impl Vocabulary {
+    /// Parses a tiktoken BPE file's contents, as dashscope's
+    /// `QwenTokenizer._load_tiktoken_bpe` does (blank lines are skipped). A
+    /// token or a rank given twice is an error, as tiktoken makes it; every
+    /// error names the line.
+    pub fn from_tiktoken_bytes(data: &[u8]) -> Result<Self, TokenError> {
+        let malformed = |line: usize, reason: String| TokenError::Malformed {
+            path: None,
+            line,
+            reason,
+        };
+        let mut short: FxHashMap<u128, u32> = FxHashMap::default();
+        let mut long: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
+        // rank -> line, to reject a rank given twice as tiktoken does.
+        let mut lines: FxHashMap<u32, usize> = FxHashMap::default();
+        short.reserve(data.len() / 16);
+        lines.reserve(data.len() / 16);
+        let mut pair_ranks = vec![NO_RANK; 1 << 16].into_boxed_slice();
+        let mut max_token_len = 0;
+        for (index, raw) in data.split(|&b| b == b'\n').enumerate() {
+            let line_no = index + 1;
+            let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+            let mut fields = line
+                .split(|b| b.is_ascii_whitespace())
+                .filter(|f| !f.is_empty());
+            let Some(token_b64) = fields.next() else {
+                continue;
+            };
+            let (Some(rank_text), None) = (fields.next(), fields.next()) else {
+                return Err(malformed(
+                    line_no,
+                    format!("expected \"<base64 token> <rank>\", got {}", shown(line)),
+                ));
+            };
+            // Decoded into a stack buffer: only long tokens need a Vec.
+            let mut buf = [0u8; 96];
+            let decoded = if token_b64.len() <= 128 {
+                base64::engine::general_purpose::STANDARD
+                    .decode_slice(token_b64, &mut buf)
+                    .map(|len| Cow::Borrowed(&buf[..len]))
+                    .map_err(|e| e.to_string())
+            } else {
+                base64::engine::general_purpose::STANDARD
+                    .decode(token_b64)
+                    .map(Cow::Owned)
+                    .map_err(|e| e.to_string())
+            };
+            let token = decoded.map_err(|e| {
+                malformed(
+                    line_no,
+                    format!("bad base64 token {}: {e}", shown(token_b64)),
+                )
+            })?;
+            let rank = std::str::from_utf8(rank_text)
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok())
+                .filter(|&r| r != NO_RANK)
+                .ok_or_else(|| malformed(line_no, format!("bad rank {}", shown(rank_text))))?;
+            if token.is_empty() {
+                return Err(malformed(line_no, "empty token".to_owned()));
+            }
+            if let Some(first) = lines.insert(rank, line_no) {
+                return Err(malformed(
+                    line_no,
+                    format!("rank {rank} already given on line {first}"),
+                ));
+            }
+            max_token_len = max_token_len.max(token.len());
+            if let [a, b] = token[..] {
+                pair_ranks[usize::from(a) << 8 | usize::from(b)] = rank;
+            }
+            let previous = if token.len() <= PACKED_MAX {
+                short.insert(pack(&token), rank)
+            } else {
+                long.insert(token.into_owned(), rank)
+            };
+            if let Some(previous) = previous {
+                return Err(malformed(
+                    line_no,
+                    format!(
+                        "duplicate token {} (ranks {previous} and {rank})",
+                        shown(token_b64)
+                    ),
+                ));
+            }
+        }
+        if lines.is_empty() {
+            return Err(TokenError::Empty { path: None });
+        }
+        Ok(Vocabulary {
+            short,
+            long,
+            pair_ranks,
+            max_token_len,
+        })
+    }
+
+    /// Reads and parses a tiktoken BPE file.
+    pub fn load(path: &Path) -> Result<Self, TokenError> {
+        let data = std::fs::read(path).map_err(|source| TokenError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_tiktoken_bytes(&data).map_err(|e| e.with_path(path))
+    }
+
+    /// Number of tokens in the vocabulary (special tokens excluded).
+    pub fn len(&self) -> usize {
+        self.short.len() + self.long.len()
+    }
+
+    /// Whether the vocabulary holds no token (never, once loaded).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Exact token count of `text` as tiktoken's `encode_ordinary` gives it:
+    /// special-token text is ordinary text, no normalization.
+    pub fn count(&self, text: &str) -> u64 {
+        let classes = classes();
+        let bytes = text.as_bytes();
+        let mut scratch = Scratch::default();
+        let mut total = 0u64;
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let end = piece_end(classes, bytes, pos);
+            total += self.piece_count(&bytes[pos..], end - pos, &mut scratch) as u64;
+            pos = end;
+        }
+        total
+    }
+
+    /// Exact token count as tiktoken's `encode(text, allowed_special="all")`
+    /// with dashscope's Qwen special tokens: each of `<|endoftext|>`,
+    /// `<|im_start|>`, `<|im_end|>`, `<|extra_0|>`..`<|extra_204|>` counts one
+    /// token and splits the text around it.
+    pub fn count_with_specials(&self, text: &str) -> u64 {
+        let mut total = 0;
+        let mut segment_start = 0;
+        let mut search = 0;
+        while let Some(offset) = text[search..].find("<|") {
+            let at = search + offset;
+            match special_len(&text.as_bytes()[at..]) {
+                Some(len) => {
+                    total += self.count(&text[segment_start..at]) + 1;
+                    segment_start = at + len;
+                    search = segment_start;
+                }
+                None => search = at + 1,
+            }
+        }
+        total + self.count(&text[segment_start..])
+    }
+
+    /// What `dashscope.get_tokenizer(...).encode(text)` returns the length
+    /// of, for text already NFC-normalized: specials allowed, long texts
+    /// encoded in chunks split at newlines.
+    fn dashscope_count(&self, nfc_text: &str) -> u64 {
+        dashscope_chunks(nfc_text)
+            .into_iter()
+            .map(|chunk| self.count_with_specials(chunk))
+            .sum()
+    }
+
+    #[inline]
+    fn rank(&self, bytes: &[u8]) -> u32 {
+        let found = if bytes.len() <= PACKED_MAX {
+            self.short.get(&pack(bytes))
+        } else if bytes.len() <= self.max_token_len {
+            self.long.get(bytes)
+        } else {
+            None
+        };
+        found.copied().unwrap_or(NO_RANK)
+    }
+
+    /// `rank(&window[start..end])`, reading the packed key with one 16-byte
+    /// load when the window (the piece and the rest of the text) allows.
+    #[inline]
+    fn rank_in(&self, window: &[u8], start: usize, end: usize) -> u32 {
+        let len = end - start;
+        if len <= PACKED_MAX {
+            if let Some(chunk) = window.get(start..start + 16) {
+                let word = u128::from_le_bytes(chunk.try_into().expect("16 bytes"));
+                let key = word & ((1u128 << (8 * len)) - 1) | (len as u128) << 120;
+                return self.short.get(&key).copied().unwrap_or(NO_RANK);
+            }
+        }
+        self.rank(&window[start..end])
+    }
+
+    #[inline]
+    fn pair_rank(&self, a: u8, b: u8) -> u32 {
+        self.pair_ranks[usize::from(a) << 8 | usize::from(b)]
+    }
+
+    /// Tokens of the piece `window[..n]`; `window` runs on to the end of the
+    /// text.
+    #[inline]
+    fn piece_count(&self, window: &[u8], n: usize, scratch: &mut Scratch) -> usize {
+        match n {
+            0 => 0,
+            1 => 1,
+            2 => {
+                if self.pair_rank(window[0], window[1]) == NO_RANK {
+                    2
+                } else {
+                    1
+                }
+            }
+            _ => {
+                if self.rank_in(window, 0, n) != NO_RANK {
+                    1
+                } else if n <= SMALL_PIECE {
+                    self.merge_small(window, n)
+                } else {
+                    self.merge_heap(window, n, scratch)
+                }
+            }
+        }
+    }
+
+    /// tiktoken's `_byte_pair_merge` on `window[..n]`, counting the parts
+    /// left.
+    fn merge_small(&self, window: &[u8], n: usize) -> usize {
+        debug_assert!((3..=SMALL_PIECE).contains(&n));
+        // Part i starts at starts[i]; ranks[i] is the rank of merging parts
+        // i and i + 1. Separate arrays keep the minimum search vectorizable.
+        let mut starts = [0u32; SMALL_PIECE + 1];
+        let mut ranks = [NO_RANK; SMALL_PIECE + 1];
+        for i in 0..n - 1 {
+            ranks[i] = self.pair_rank(window[i], window[i + 1]);
+        }
+        for (i, start) in starts[..=n].iter_mut().enumerate() {
+            *start = i as u32;
+        }
+        let mut len = n + 1;
+        loop {
+            let min = ranks[..len - 1].iter().copied().min().unwrap_or(NO_RANK);
+            if min == NO_RANK {
+                break;
+            }
+            let i = ranks[..len - 1]
+                .iter()
+                .position(|&r| r == min)
+                .expect("the minimum is present");
+            if i > 0 {
+                ranks[i - 1] = if i + 2 < len {
+                    self.rank_in(window, starts[i - 1] as usize, starts[i + 2] as usize)
+                } else {
+                    NO_RANK
+                };
+            }
+            ranks[i] = if i + 3 < len {
+                self.rank_in(window, starts[i] as usize, starts[i + 3] as usize)
+            } else {
+                NO_RANK
+            };
+            starts.copy_within(i + 2..len, i + 1);
+            ranks.copy_within(i + 2..len, i + 1);
+            len -= 1;
+        }
+        len - 1
+    }
+
+    /// The same merges as `merge_small` (lowest rank first, leftmost among
+    /// equals) in O(n log n) on `window[..n]`: parts form a linked list
+    /// indexed by start byte, and a heap entry `rank << 32 | start` is live
+    /// while the part at `start` still merges with that rank.
+    fn merge_heap(&self, window: &[u8], n: usize, scratch: &mut Scratch) -> usize {
+        let Scratch {
+            next,
+            prev,
+            ranks,
+            heap,
+        } = scratch;
+        next.clear();
+        next.extend(1..=n as u32);
+        prev.clear();
+        prev.extend((0..n as u32).map(|i| i.wrapping_sub(1)));
+        ranks.clear();
+        ranks.extend(window[..n].windows(2).map(|w| self.pair_rank(w[0], w[1])));
+        ranks.push(NO_RANK);
+        let mut entries = std::mem::take(heap).into_vec();
+        entries.clear();
+        entries.extend(
+            ranks
+                .iter()
+                .enumerate()
+                .filter(|&(_, &rank)| rank != NO_RANK)
+                .map(|(i, &rank)| Reverse(u64::from(rank) << 32 | i as u64)),
+        );
+        *heap = BinaryHeap::from(entries);
+        let mut parts = n;
+        while let Some(Reverse(entry)) = heap.pop() {
+            let (rank, i) = ((entry >> 32) as u32, entry as u32 as usize);
+            if ranks[i] != rank {
+                continue;
+            }
+            // Merge part i with the next one, j, which ends at k.
+            let j = next[i] as usize;
+            let k = next[j] as usize;
+            ranks[j] = NO_RANK;
+            next[i] = k as u32;
+            ranks[i] = if k < n {
+                prev[k] = i as u32;
+                self.rank_in(window, i, next[k] as usize)
+            } else {
+                NO_RANK
+            };
+            if ranks[i] != NO_RANK {
+                heap.push(Reverse(u64::from(ranks[i]) << 32 | i as u64));
+            }
+            if i > 0 {
+                let p = prev[i] as usize;
+                ranks[p] = self.rank_in(window, p, k);
+                if ranks[p] != NO_RANK {
+                    heap.push(Reverse(u64::from(ranks[p]) << 32 | p as u64));
+                }
+            }
+            parts -= 1;
+        }
+        parts
+    }
+}
+
+/// Buffers `merge_heap` reuses from one piece to the next.
+#[derive(Default)]
+struct Scratch {
+    next: Vec<u32>,
+    prev: Vec<u32>,
+    ranks: Vec<u32>,
+    heap: BinaryHeap<Reverse<u64>>,
+}
+
+/// Longest token kept in `Vocabulary::short`.
+const PACKED_MAX: usize = 15;
+
+/// A byte string of at most `PACKED_MAX` bytes as one integer: the bytes,
+/// then the length in the top byte (so that trailing zero bytes count).
+#[inline]
+fn pack(bytes: &[u8]) -> u128 {
+    debug_assert!(bytes.len() <= PACKED_MAX);
+    let mut buf = [0u8; 16];
+    buf[..bytes.len()].copy_from_slice(bytes);
+    buf[15] = bytes.len() as u8;
+    u128::from_le_bytes(buf)
+}
+
+/// Length of the Qwen special token at the start of `bytes`, if any.
+fn special_len(bytes: &[u8]) -> Option<usize> {
+    let rest = bytes.strip_prefix(b"<|")?;
+    for name in [&b"endoftext|>"[..], b"im_start|>", b"im_end|>"] {
+        if rest.starts_with(name) {
+            return Some(2 + name.len());
+        }
+    }
+    let digits_and_end = rest.strip_prefix(b"extra_")?;
+    let digits = digits_and_end
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    if !(1..=3).contains(&digits) || !digits_and_end[digits..].starts_with(b"|>") {
+        return None;
+    }
+    let number = &digits_and_end[..digits];
+    if digits > 1 && number[0] == b'0' {
+        return None;
+    }
+    let value: usize = std::str::from_utf8(number).ok()?.parse().ok()?;
+    (value < 205).then_some(2 + 6 + digits + 2)
+}
+
+/// dashscope's `QwenTokenizer._split_text` when the text exceeds its chunk
+/// size, else the whole text: lines (each but the first keeping its leading
+/// newline) grouped greedily into chunks of at most 100,000 code points.
+fn dashscope_chunks(text: &str) -> Vec<&str> {
+    if text.len() <= DASHSCOPE_CHUNK_CHARS || text.chars().count() <= DASHSCOPE_CHUNK_CHARS {
+        return vec![text];
+    }
+    // (start, end, code points) of each part, as byte ranges of `text`.
+    let mut parts: Vec<(usize, usize, usize)> = Vec::new();
+    let mut line_start = 0;
+    for (index, line) in text.split('\n').enumerate() {
+        let start = if index == 0 { 0 } else { line_start - 1 };
+        let end = line_start + line.len();
+        line_start = end + 1;
+        let piece = &text[start..end];
+        let chars = piece.chars().count();
+        if chars <= DASHSCOPE_CHUNK_CHARS {
+            parts.push((start, end, chars));
+        } else {
+            let mut chunk_start = start;
+            let mut in_chunk = 0;
+            for (offset, _) in piece.char_indices() {
+                if in_chunk == DASHSCOPE_CHUNK_CHARS {
+                    parts.push((chunk_start, start + offset, in_chunk));
+                    chunk_start = start + offset;
+                    in_chunk = 0;
+                }
+                in_chunk += 1;
+            }
+            parts.push((chunk_start, end, in_chunk));
+        }
+    }
+    let mut chunks = Vec::new();
+    let mut current: Option<(usize, usize, usize)> = None;
+    for (start, end, chars) in parts {
+        current = match current {
+            Some((c_start, _, c_chars)) if c_chars + chars <= DASHSCOPE_CHUNK_CHARS => {
+                Some((c_start, end, c_chars + chars))
+            }
+            Some((c_start, c_end, _)) => {
+                chunks.push(&text[c_start..c_end]);
+                Some((start, end, chars))
+            }
+            None => Some((start, end, chars)),
+        };
+    }
+    if let Some((c_start, c_end, _)) = current {
+        chunks.push(&text[c_start..c_end]);
+    }
+    chunks
+}
+
+/// Ranges of characters that are NFC_Quick_Check=Yes with combining class
+/// 0: a text of these alone is in NFC. Covers Latin-1 and Latin Extended,
+/// CJK, kana, Hangul syllables and fullwidth forms, so that common text
+/// skips the normalization tables.
+const SURELY_NFC: &[(u32, u32)] = &[
+    (0x0000, 0x02FF),
+    (0x2010, 0x206F),
+    (0x3000, 0x3029),
+    (0x3030, 0x3098),
+    (0x309B, 0x30FF),
+    (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF),
+    (0xAC00, 0xD7A3),
+    (0xFF00, 0xFFEF),
+];
+
+fn surely_nfc(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let (c, len) = decode(bytes, i);
+        if c >= 0x300 && !SURELY_NFC.iter().any(|&(a, b)| (a..=b).contains(&c)) {
+            return false;
+        }
+        i += len;
+    }
+    true
+}
+
+/// `text` in Unicode NFC, borrowed when it already is.
+fn nfc(text: &str) -> Cow<'_, str> {
+    if surely_nfc(text) || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        return Cow::Borrowed(text);
+    }
+    let normalized: String = text.nfc().collect();
+    if normalized == text {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(normalized)
+    }
+}
+
+/// Upper bound of the tokens the service bills for `text` as message content
+/// (framing excluded).
+///
+/// With the vocabulary, the largest of: the exact count of the NFC form (the
+/// service normalizes, as dashscope's tokenizer does), of the text as sent,
+/// and what dashscope's tokenizer counts (special tokens and chunking). All
+/// agree unless the text is not in NFC, holds `<|`, or exceeds 100,000 code
+/// points. Without it, the UTF-8 length of the longer of the text and its NFC
+/// form: each byte-level BPE token covers at least one byte.
+pub fn text_bound(vocab: Option<&Vocabulary>, text: &str) -> u64 {
+    let normalized = nfc(text);
+    let Some(vocab) = vocab else {
+        return text.len().max(normalized.len()) as u64;
+    };
+    let mut bound = vocab.count(&normalized);
+    if let Cow::Owned(_) = normalized {
+        bound = bound.max(vocab.count(text));
+    }
+    if normalized.contains("<|") || normalized.len() > DASHSCOPE_CHUNK_CHARS {
+        bound = bound.max(vocab.dashscope_count(&normalized));
+    }
+    bound
+}
+
+/// One chat message, as the Python side flattens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChatMessage<'a> {
     pub role: &'a str,
     pub content: &'a str,
 }
 
-pub fn text_bound(vocab: Option<&Vocabulary>, text: &str) -> u64 {
-    vocab.map_or(text.len() as u64, |v| v.count(text))
+/// Upper bound of the input tokens billed for a chat request (SPEC R8): per
+/// message its framing and content, the reply primer, and the default system
+/// message when no message has the role `"system"`.
+pub fn chat_bound(vocab: Option<&Vocabulary>, messages: &[ChatMessage<'_>]) -> u64 {
+    let mut total = REPLY_PRIMER;
+    let mut has_system = false;
+    for message in messages {
+        has_system |= message.role == "system";
+        total = total
+            .saturating_add(MESSAGE_FRAMING)
+            .saturating_add(text_bound(vocab, message.content));
+    }
+    if !has_system {
+        total = total.saturating_add(DEFAULT_SYSTEM);
+    }
+    total
 }
 
-pub fn chat_bound(vocab: Option<&Vocabulary>, messages: &[ChatMessage<'_>]) -> u64 {
-    let mut n = REPLY_PRIMER;
-    if !messages.iter().any(|m| m.role == "system") {
-        n += DEFAULT_SYSTEM;
+/// The vocabulary at `path`, loaded once per process and path. A failed load
+/// is not remembered: the next call tries again.
+pub fn cached_vocabulary(path: &Path) -> Result<Arc<Vocabulary>, TokenError> {
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, Arc<Vocabulary>>>> = OnceLock::new();
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let cache = CACHE.get_or_init(Default::default);
+    // Held during the load so that concurrent first calls parse the file once.
+    let mut map = cache
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(vocab) = map.get(&key) {
+        return Ok(Arc::clone(vocab));
     }
-    for m in messages {
-        n += MESSAGE_FRAMING + text_bound(vocab, m.content);
+    let vocab = Arc::new(Vocabulary::load(path)?);
+    map.insert(key, Arc::clone(&vocab));
+    Ok(vocab)
+}
+
+// ---------------------------------------------------------------------------
+// Pre-tokenizer: a hand-written scanner equal to fancy-regex running
+//
+//   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
+//   | ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+//
+// (dashscope's PAT_STR) with leftmost-first alternation, several times
+// faster than the backtracking regex tiktoken runs. Character classes come
+// from regex-syntax's Unicode tables, the ones that regex engine uses.
+
+const OTHER: u8 = 0;
+const LETTER: u8 = 1;
+const NUMBER: u8 = 2;
+/// `\s` except `\r` and `\n`.
+const SPACE: u8 = 3;
+/// `\r` or `\n`.
+const NEWLINE: u8 = 4;
+
+struct Classes {
+    bmp: Box<[u8]>,
+    /// (first, last, class) of the classified ranges above U+FFFF, sorted.
+    astral: Vec<(u32, u32, u8)>,
+}
+
+impl Classes {
+    #[inline(always)]
+    fn of(&self, c: u32) -> u8 {
+        if let Some(&class) = self.bmp.get(c as usize) {
+            return class;
+        }
+        match self.astral.binary_search_by(|&(first, last, _)| {
+            if last < c {
+                std::cmp::Ordering::Less
+            } else if first > c {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        }) {
+            Ok(index) => self.astral[index].2,
+            Err(_) => OTHER,
+        }
     }
-    n
+}
+
+fn unicode_ranges(pattern: &str) -> Vec<(u32, u32)> {
+    let hir = regex_syntax::parse(pattern).expect("a valid Unicode class");
+    match hir.kind() {
+        HirKind::Class(Class::Unicode(class)) => class
+            .ranges()
+            .iter()
+            .map(|r| (u32::from(r.start()), u32::from(r.end())))
+            .collect(),
+        other => unreachable!("{pattern} parsed to {other:?}"),
+    }
+}
+
+fn classes() -> &'static Classes {
+    static CLASSES: OnceLock<Classes> = OnceLock::new();
+    CLASSES.get_or_init(|| {
+        let mut bmp = vec![OTHER; 0x1_0000].into_boxed_slice();
+        let mut astral = Vec::new();
+        for (pattern, class) in [(r"\p{L}", LETTER), (r"\p{N}", NUMBER), (r"\s", SPACE)] {
+            for (first, last) in unicode_ranges(pattern) {
+                for c in first..=last.min(0xFFFF) {
+                    bmp[c as usize] = class;
+                }
+                if last > 0xFFFF {
+                    astral.push((first.max(0x1_0000), last, class));
+                }
+            }
+        }
+        bmp[usize::from(b'\r')] = NEWLINE;
+        bmp[usize::from(b'\n')] = NEWLINE;
+        astral.sort_unstable();
+        Classes { bmp, astral }
+    })
+}
+
+/// The code point starting at `bytes[i]` and its UTF-8 length; `bytes` is
+/// valid UTF-8 and `i` a character boundary.
+#[inline(always)]
+fn decode(bytes: &[u8], i: usize) -> (u32, usize) {
+    let b0 = bytes[i];
+    if b0 < 0x80 {
+        (u32::from(b0), 1)
+    } else if b0 < 0xE0 {
+        (
+            u32::from(b0 & 0x1F) << 6 | u32::from(bytes[i + 1] & 0x3F),
+            2,
+        )
+    } else if b0 < 0xF0 {
+        (
+            u32::from(b0 & 0x0F) << 12
+                | u32::from(bytes[i + 1] & 0x3F) << 6
+                | u32::from(bytes[i + 2] & 0x3F),
+            3,
+        )
+    } else {
+        (
+            u32::from(b0 & 0x07) << 18
+                | u32::from(bytes[i + 1] & 0x3F) << 12
+                | u32::from(bytes[i + 2] & 0x3F) << 6
+                | u32::from(bytes[i + 3] & 0x3F),
+            4,
+        )
+    }
+}
+
+/// End of the run of characters of class `class` starting at `i`.
+#[inline]
+fn run_end(classes: &Classes, bytes: &[u8], mut i: usize, class: u8) -> usize {
+    while i < bytes.len() {
+        if bytes[i] < 0x80 {
+            if classes.bmp[usize::from(bytes[i])] != class {
+                break;
+            }
+            i += 1;
+            continue;
+        }
+        let (c, len) = decode(bytes, i);
+        if classes.of(c) != class {
+            break;
+        }
+        i += len;
+    }
+    i
+}
+
+/// End of `(?i:'s|'t|'re|'ve|'m|'ll|'d)` after the apostrophe at `i - 1`.
+/// Under Unicode case folding `s` also matches U+017F LATIN SMALL LETTER
+/// LONG S; no other of these letters has a non-ASCII fold.
+#[inline]
+fn contraction_end(bytes: &[u8], i: usize) -> Option<usize> {
+    let lower = |k: usize| bytes.get(k).map(u8::to_ascii_lowercase);
+    match lower(i)? {
+        b's' | b't' | b'm' | b'd' => Some(i + 1),
+        b'r' | b'v' if lower(i + 1) == Some(b'e') => Some(i + 2),
+        b'l' if lower(i + 1) == Some(b'l') => Some(i + 2),
+        0xC5 if bytes.get(i + 1) == Some(&0xBF) => Some(i + 2),
+        _ => None,
+    }
+}
+
+/// End of the piece that starts at `pos` (< `bytes.len()`).
+#[inline]
+fn piece_end(classes: &Classes, bytes: &[u8], pos: usize) -> usize {
+    let n = bytes.len();
+    let (c0, len0) = decode(bytes, pos);
+    let k0 = classes.of(c0);
+    let p1 = pos + len0;
+    match k0 {
+        // [^\r\n\p{L}\p{N}]?\p{L}+ with the optional part empty
+        LETTER => return run_end(classes, bytes, p1, LETTER),
+        // \p{N}
+        NUMBER => return p1,
+        _ => {}
+    }
+    // (?i:'s|'t|'re|'ve|'m|'ll|'d)
+    if c0 == u32::from(b'\'') {
+        if let Some(end) = contraction_end(bytes, p1) {
+            return end;
+        }
+    }
+    let next = (p1 < n).then(|| {
+        let (c1, len1) = decode(bytes, p1);
+        (c1, classes.of(c1), len1)
+    });
+    // [^\r\n\p{L}\p{N}]?\p{L}+ with one leading character
+    if k0 != NEWLINE {
+        if let Some((_, LETTER, len1)) = next {
+            return run_end(classes, bytes, p1 + len1, LETTER);
+        }
+    }
+    // ` ?[^\s\p{L}\p{N}]+[\r\n]*`
+    let others_from = if k0 == OTHER {
+        Some(p1)
+    } else if c0 == u32::from(b' ') {
+        match next {
+            Some((_, OTHER, len1)) => Some(p1 + len1),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    if let Some(from) = others_from {
+        let end = run_end(classes, bytes, from, OTHER);
+        return end
+            + bytes[end..]
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
+    }
+    // c0 is whitespace: scan the whole whitespace run.
+    let mut last_newline = None;
+    let mut last_start = pos;
+    let mut chars = 0usize;
+    let mut i = pos;
+    while i < n {
+        let (c, len) = decode(bytes, i);
+        match classes.of(c) {
+            NEWLINE => last_newline = Some(i),
+            SPACE => {}
+            _ => break,
+        }
+        last_start = i;
+        chars += 1;
+        i += len;
+    }
+    match last_newline {
+        // \s*[\r\n]+ : up to the run's last line break
+        Some(at) => at + 1,
+        // \s+(?!\S) : to the end of the text, or all but the last character
+        None if i == n => n,
+        None if chars >= 2 => last_start,
+        // \s+
+        None => i,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAT_STR: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+    fn pieces(text: &str) -> Vec<&str> {
+        let classes = classes();
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while pos < text.len() {
+            let end = piece_end(classes, text.as_bytes(), pos);
+            out.push(&text[pos..end]);
+            pos = end;
+        }
+        out
+    }
+
+    fn regex_pieces(text: &str) -> Vec<&str> {
+        static RE: OnceLock<fancy_regex::Regex> = OnceLock::new();
+        RE.get_or_init(|| fancy_regex::Regex::new(PAT_STR).unwrap())
+            .find_iter(text)
+            .map(|m| m.unwrap().as_str())
+            .collect()
+    }
+
+    /// A tiny vocabulary: every byte, then `merges` in rank order.
+    fn tiny_vocab(merges: &[&str]) -> Vocabulary {
+        let engine = base64::engine::general_purpose::STANDARD;
+        let mut file = String::new();
+        let tokens = (0..=255u8)
+            .map(|b| vec![b])
+            .chain(merges.iter().map(|m| m.as_bytes().to_vec()));
+        for (rank, token) in tokens.enumerate() {
+            file.push_str(&format!("{} {rank}\n", engine.encode(token)));
+        }
+        Vocabulary::from_tiktoken_bytes(file.as_bytes()).unwrap()
+    }
+
+    /// Tiny xorshift generator: the tests need no dependency for randomness.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[(self.next() % items.len() as u64) as usize]
+        }
+    }
+
+    fn random_text(rng: &mut Rng, len: usize) -> String {
+        const ATOMS: &[&str] = &[
+            " ",
+            " ",
+            "  ",
+            "\t",
+            "\n",
+            "\r\n",
+            "\r",
+            "\u{3000}",
+            "\u{a0}",
+            "\u{85}",
+            "\u{2028}",
+            "\x0b",
+            "a",
+            "Z",
+            "hello",
+            " world",
+            "'",
+            "'s",
+            "'S",
+            "'ll",
+            "'LL",
+            "'re",
+            "'Ve",
+            "'d",
+            "'M",
+            "'t",
+            "'ſ",
+            "ſ",
+            "'x",
+            "1",
+            "42",
+            "١",
+            "Ⅻ",
+            "½",
+            "中",
+            "文字",
+            "。",
+            "，",
+            "!",
+            "?!",
+            "...",
+            "-",
+            "_",
+            "(",
+            ")",
+            "{",
+            "}",
+            "\"",
+            "é",
+            "e\u{301}",
+            "\u{301}",
+            "😀",
+            "👍🏽",
+            "\u{200d}",
+            "ß",
+            "ǅ",
+            "ʰ",
+            "\u{10400}",
+            "\u{1d7ce}",
+            "\u{e000}",
+            "\u{fffd}",
+            "<|",
+            "|>",
+            "<|im_start|>",
+            "<|extra_7|>",
+            "#",
+            "$",
+            "😀a",
+            ".\n",
+            "\u{feff}",
+            "ก",
+            "\u{e31}",
+            "ا",
+            "ע",
+            "한",
+        ];
+        let mut text = String::new();
+        for _ in 0..len {
+            text.push_str(rng.pick(ATOMS));
+        }
+        text
+    }
+
+    #[test]
+    fn scanner_matches_pat_str_on_handwritten_cases() {
+        for text in [
+            "hello  world\n\n  x",
+            "I'LL say it's 'ſa 'sa 'see",
+            "a \t b\u{3000}\u{3000}c   ",
+            "x \n \n y",
+            " !!\n\n\r\nz",
+            "\t!",
+            "1234 56",
+            "",
+        ] {
+            assert_eq!(pieces(text), regex_pieces(text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn scanner_matches_pat_str_on_random_text() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for round in 0..3000 {
+            let text = random_text(&mut rng, 1 + round % 40);
+            assert_eq!(pieces(&text), regex_pieces(&text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn long_s_and_ascii_cases_fold_as_regex_does() {
+        for letter in ["s", "t", "r", "e", "v", "m", "l", "d"] {
+            let folded = unicode_ranges(&format!("(?i){letter}"));
+            let mut chars: Vec<char> = folded
+                .iter()
+                .flat_map(|&(a, b)| (a..=b).filter_map(char::from_u32))
+                .collect();
+            chars.sort_unstable();
+            let mut expected = vec![
+                letter.to_ascii_uppercase().chars().next().unwrap(),
+                letter.chars().next().unwrap(),
+            ];
+            if letter == "s" {
+                expected.push('ſ');
+            }
+            assert_eq!(chars, expected, "{letter}");
+        }
+    }
+
+    #[test]
+    fn tiny_vocabulary_merges_like_tiktoken() {
+        // Ranks: every byte, then these merges in this order.
+        let vocab = tiny_vocab(&["ll", "he", "hell", "hello", "o ", " w", "wo", "or"]);
+        assert_eq!(vocab.len(), 264);
+        // "hello" is a token.
+        assert_eq!(vocab.count("hello"), 1);
+        // " world" -> " w" + "or" + "l" + "d" (" w" ranks above "wo").
+        assert_eq!(vocab.count(" world"), 4);
+        // "hellhell": "ll" twice, "he" twice, then "hell" twice.
+        assert_eq!(vocab.count("hellhell"), 2);
+        assert_eq!(vocab.count(""), 0);
+        assert_eq!(vocab.count("a"), 1);
+        // Multi-byte characters without merges count their bytes.
+        assert_eq!(vocab.count("中"), 3);
+    }
+
+    /// tiktoken's `_byte_pair_merge` (src/lib.rs), ported as is: the
+    /// reference both merge loops must agree with.
+    fn reference_merge_count(vocab: &Vocabulary, piece: &[u8]) -> usize {
+        let mut parts: Vec<(usize, u32)> = (0..piece.len() - 1)
+            .map(|i| (i, vocab.rank(&piece[i..i + 2])))
+            .collect();
+        parts.push((piece.len() - 1, NO_RANK));
+        parts.push((piece.len(), NO_RANK));
+        let get_rank = |parts: &Vec<(usize, u32)>, i: usize| {
+            if i + 3 < parts.len() {
+                vocab.rank(&piece[parts[i].0..parts[i + 3].0])
+            } else {
+                NO_RANK
+            }
+        };
+        loop {
+            let (i, &(_, min)) = parts[..parts.len() - 1]
+                .iter()
+                .enumerate()
+                .min_by_key(|&(i, &(_, rank))| (rank, i))
+                .unwrap();
+            if min == NO_RANK {
+                break;
+            }
+            if i > 0 {
+                parts[i - 1].1 = get_rank(&parts, i - 1);
+            }
+            parts[i].1 = get_rank(&parts, i);
+            parts.remove(i + 1);
+        }
+        parts.len() - 1
+    }
+
+    #[test]
+    fn merges_equal_tiktoken_reference() {
+        let vocab = tiny_vocab(&[
+            "ab",
+            "bc",
+            "abc",
+            "ca",
+            "aa",
+            "aaaa",
+            "cab",
+            "bca",
+            "abcab",
+            "ba",
+            "aab",
+            "bcabcabca",
+            "abcabcabcabcabca",
+        ]);
+        let mut rng = Rng(12345);
+        let mut scratch = Scratch::default();
+        for _ in 0..3000 {
+            let len = 3 + (rng.next() % 200) as usize;
+            let piece: Vec<u8> = (0..len)
+                .map(|_| b"abc"[(rng.next() % 3) as usize])
+                .collect();
+            let expected = reference_merge_count(&vocab, &piece);
+            assert_eq!(
+                vocab.merge_heap(&piece, len, &mut scratch),
+                expected,
+                "{piece:?}"
+            );
+            if len <= SMALL_PIECE {
+                assert_eq!(vocab.merge_small(&piece, len), expected, "{piece:?}");
+            }
+            // With the window running past the piece, as `count` passes it.
+            let mut window = piece.clone();
+            window.extend_from_slice(b"abcabcabcabcabcabc");
+            assert_eq!(
+                vocab.merge_heap(&window, len, &mut scratch),
+                expected,
+                "{piece:?}"
+            );
+            if len <= SMALL_PIECE {
+                assert_eq!(vocab.merge_small(&window, len), expected, "{piece:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn specials_count_one_token_each() {
+        let vocab = tiny_vocab(&[]);
+        assert_eq!(vocab.count("<|im_start|>"), 12);
+        assert_eq!(vocab.count_with_specials("<|im_start|>"), 1);
+        assert_eq!(vocab.count_with_specials("a<|im_end|>b<|extra_204|>"), 4);
+        // Not specials: unknown names, leading zeros, out of range, unclosed.
+        for text in [
+            "<|extra_205|>",
+            "<|extra_01|>",
+            "<|im_start",
+            "<|foo|>",
+            "<<|",
+        ] {
+            assert_eq!(vocab.count_with_specials(text), vocab.count(text), "{text}");
+        }
+        assert_eq!(special_len(b"<|extra_0|>x"), Some(11));
+        assert_eq!(special_len(b"<|endoftext|>"), Some(13));
+    }
+
+    #[test]
+    fn bound_without_vocabulary_is_utf8_length_with_framing() {
+        assert_eq!(text_bound(None, "héllo 中"), 10);
+        // U+1D160 decomposes under NFC into three 4-byte characters.
+        assert_eq!(text_bound(None, "\u{1d160}"), 12);
+        let messages = [
+            ChatMessage {
+                role: "user",
+                content: "hi",
+            },
+            ChatMessage {
+                role: "assistant",
+                content: "",
+            },
+        ];
+        assert_eq!(chat_bound(None, &messages), 2 * 5 + 2 + 3 + 21);
+        let with_system = [
+            ChatMessage {
+                role: "system",
+                content: "be brief",
+            },
+            ChatMessage {
+                role: "user",
+                content: "hi",
+            },
+        ];
+        assert_eq!(chat_bound(None, &with_system), 2 * 5 + 8 + 2 + 3);
+        assert_eq!(chat_bound(None, &[]), REPLY_PRIMER + DEFAULT_SYSTEM);
+    }
+
+    #[test]
+    fn bound_takes_the_larger_of_raw_and_nfc() {
+        let vocab = tiny_vocab(&[]);
+        // "e" + U+0301 (3 bytes) composes to "é" (2 bytes): the raw count wins.
+        assert_eq!(text_bound(Some(&vocab), "e\u{301}"), 3);
+        // U+0958 (3 bytes) decomposes to U+0915 U+093C (6 bytes): NFC wins.
+        assert_eq!(text_bound(Some(&vocab), "\u{958}"), 6);
+    }
+
+    #[test]
+    fn surely_nfc_ranges_need_no_normalization() {
+        for &(first, last) in SURELY_NFC {
+            for c in (first..=last).filter_map(char::from_u32) {
+                assert_eq!(is_nfc_quick(std::iter::once(c)), IsNormalized::Yes, "{c:?}");
+                assert_eq!(unicode_normalization::char::canonical_combining_class(c), 0);
+            }
+        }
+        assert!(surely_nfc("Grüße, 世界！ カタカナ 한국어 “quotes”"));
+        assert!(!surely_nfc("e\u{301}"));
+        assert!(!surely_nfc("\u{212b}"));
+    }
+
+    #[test]
+    fn dashscope_chunks_split_long_text_at_newlines() {
+        let line = "x".repeat(60_000);
+        let text = format!("{line}\n{line}\n{line}");
+        let chunks = dashscope_chunks(&text);
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(chunks.concat(), text);
+        assert!(chunks[1].starts_with('\n'));
+        let long_line = "é".repeat(250_000);
+        let chunks = dashscope_chunks(&long_line);
+        assert_eq!(
+            chunks.iter().map(|c| c.chars().count()).collect::<Vec<_>>(),
+            [100_000, 100_000, 50_000]
+        );
+        assert_eq!(dashscope_chunks("short"), ["short"]);
+    }
+
+    #[test]
+    fn malformed_files_name_the_line() {
+        let error = Vocabulary::from_tiktoken_bytes(b"YQ== 0\n\nYg== x\n").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "malformed Qwen vocabulary, line 3: bad rank \"x\""
+        );
+        let error = Vocabulary::from_tiktoken_bytes(b"YQ== 0\n!!! 1\n").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("malformed Qwen vocabulary, line 2: bad base64 token \"!!!\""),
+            "{error}"
+        );
+        let error = Vocabulary::from_tiktoken_bytes(b"YQ== 0 1\n").unwrap_err();
+        assert!(error.to_string().contains("line 1: expected"), "{error}");
+        let error = Vocabulary::from_tiktoken_bytes(b"YQ== 0\nYQ== 1\n").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("line 2: duplicate token \"YQ==\" (ranks 0 and 1)"),
+            "{error}"
+        );
+        let error = Vocabulary::from_tiktoken_bytes(b"YQ== 0\nYg== 0\n").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .ends_with("line 2: rank 0 already given on line 1"),
+            "{error}"
+        );
+        let error = Vocabulary::from_tiktoken_bytes(b"\n\n").unwrap_err();
+        assert_eq!(error.to_string(), "Qwen vocabulary holds no tokens");
+        // CRLF line ends are accepted.
+        assert_eq!(
+            Vocabulary::from_tiktoken_bytes(b"YQ== 0\r\nYg== 1\r\n")
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("quotaguard-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.tiktoken");
+        let error = Vocabulary::load(&missing).unwrap_err();
+        assert!(matches!(error, TokenError::Read { .. }));
+        assert!(error.to_string().contains("missing.tiktoken"), "{error}");
+        let bad = dir.join("bad.tiktoken");
+        std::fs::write(&bad, b"YQ== 0\nnot-a-line\n").unwrap();
+        let error = Vocabulary::load(&bad).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("bad.tiktoken\", line 2: expected"),
+            "{error}"
+        );
+        let good = dir.join("good.tiktoken");
+        std::fs::write(&good, b"YQ== 0\nYg== 1\n").unwrap();
+        let first = cached_vocabulary(&good).unwrap();
+        let second = cached_vocabulary(&good).unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn vocabulary_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Vocabulary>();
+        assert_send_sync::<TokenError>();
+    }
+
+    /// The real Qwen vocabulary, if `QWEN_TIKTOKEN` names it.
+    fn qwen() -> Option<Arc<Vocabulary>> {
+        let path = std::env::var_os("QWEN_TIKTOKEN")?;
+        Some(cached_vocabulary(Path::new(&path)).expect("QWEN_TIKTOKEN names a valid vocabulary"))
+    }
+
+    /// Expected counts produced once with tiktoken 0.14.0 and dashscope's
+    /// `qwen.tiktoken`:
+    ///   tok = dashscope.get_tokenizer("qwen-7b-chat"); enc = tok._tokenizer
+    ///   (len(enc.encode_ordinary(s)), len(enc.encode(s, allowed_special="all")),
+    ///    len(tok.encode(s)))
+    const QWEN_CASES: &[(&str, u64, u64, u64)] = &[
+        (
+            "Hello, world! This is a test of the Qwen tokenizer.",
+            14,
+            14,
+            14,
+        ),
+        ("通义千问是阿里云研发的大语言模型。", 12, 12, 12),
+        ("Mixed 中文 and English, 数字123和emoji 😀👍🏽!", 17, 17, 17),
+        (
+            "fn main() {\n    let x = vec![1, 2, 3];\n    println!(\"{:?}\", x);\n}\n",
+            26,
+            26,
+            26,
+        ),
+        (
+            "a  b   c\t\td \u{3000}e  \n\n  \r\n\r\n   end   ",
+            15,
+            15,
+            15,
+        ),
+        ("line1\nline2\n\n\nline3\r\n", 9, 9, 9),
+        (
+            "I'LL say it's fine, you'RE right, we'Ve 'd 'M 'T 'ſ 'sa",
+            25,
+            25,
+            25,
+        ),
+        ("12345 and 3.14159 or ١٢٣ Ⅻ ½", 27, 27, 27),
+        ("<|im_start|>user\nhi<|im_end|>", 15, 5, 5),
+        ("", 0, 0, 0),
+    ];
+
+    #[test]
+    fn qwen_counts_equal_tiktoken() {
+        let Some(vocab) = qwen() else {
+            eprintln!("QWEN_TIKTOKEN unset: skipped");
+            return;
+        };
+        assert_eq!(vocab.len(), 151_643);
+        for &(text, ordinary, specials, dashscope) in QWEN_CASES {
+            assert_eq!(vocab.count(text), ordinary, "{text:?}");
+            assert_eq!(vocab.count_with_specials(text), specials, "{text:?}");
+            let bound = text_bound(Some(&vocab), text);
+            assert!(bound >= dashscope && bound >= ordinary, "{text:?}");
+            assert_eq!(bound, ordinary.max(dashscope), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn qwen_chat_bound_is_framing_plus_counts() {
+        let Some(vocab) = qwen() else {
+            eprintln!("QWEN_TIKTOKEN unset: skipped");
+            return;
+        };
+        let messages = [
+            ChatMessage {
+                role: "user",
+                content: QWEN_CASES[0].0,
+            },
+            ChatMessage {
+                role: "assistant",
+                content: QWEN_CASES[1].0,
+            },
+        ];
+        assert_eq!(
+            chat_bound(Some(&vocab), &messages),
+            5 + 14 + 5 + 12 + 3 + 21
+        );
+    }
 }
