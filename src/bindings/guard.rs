@@ -206,7 +206,10 @@ fn text_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
         Ok(s) => Ok(s.to_string_lossy().into_owned()),
         Err(_) => Err(type_error(format!(
             "{what} must be a str, not {}",
-            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
         ))),
     }
 }
