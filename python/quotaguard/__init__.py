@@ -34,7 +34,6 @@ from .exceptions import (
     LeaseExpiredWarning,
     LedgerError,
     QuotaGuardError,
-    UnpricedWarning,
 )
 from .guard import Budget, QuotaGuard, record_to_dict
 
@@ -55,7 +54,6 @@ __all__ = [
     "QuotaGuard",
     "QuotaGuardError",
     "Reservation",
-    "UnpricedWarning",
     "UsageRecord",
     "__version__",
     "count_tokens",

@@ -15,7 +15,6 @@ __all__ = [
     "LeaseExpiredWarning",
     "LedgerError",
     "QuotaGuardError",
-    "UnpricedWarning",
 ]
 
 
@@ -88,7 +87,3 @@ class LedgerError(QuotaGuardError):
 
 class LeaseExpiredWarning(UserWarning):
     """A reservation was settled after its lease ended; the usage was recorded anyway."""
-
-
-class UnpricedWarning(UserWarning):
-    """Billable tokens of a model with no known price were recorded as ``unpriced``."""

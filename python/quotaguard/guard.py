@@ -30,6 +30,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 AlertCallback = Callable[[Alert], object]
 
 RECORD_FIELDS = (
+    "id",
     "time",
     "account",
     "user",
@@ -40,6 +41,7 @@ RECORD_FIELDS = (
     "input_tokens",
     "output_tokens",
     "cached_tokens",
+    "thinking",
     "free_tokens",
     "billable_input_tokens",
     "billable_output_tokens",
@@ -289,6 +291,7 @@ class Budget:
         self.tokens_limit = tokens
         self.cost_limit = None if cost is None else Decimal(str(cost))
         self._id: int | None = None
+        self._final: tuple[int, Decimal, int | None, Decimal | None] | None = None
         # Validate now, not at __enter__, so a bad limit fails where it is written.
         probe = guard._open_budget(tokens, cost, name)
         guard._close_budget(probe)
@@ -306,8 +309,11 @@ class Budget:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._id is not None:
+        if self._id is not None and self._final is None:
             self._guard._close_budget(self._id)
+            # Keep the figures, then let the guard forget the budget.
+            self._final = self._guard._budget_state(self._id)
+            self._guard._drop_budget(self._id)
 
     async def __aenter__(self) -> Budget:
         return self.__enter__()
@@ -321,6 +327,8 @@ class Budget:
         self.__exit__(exc_type, exc, tb)
 
     def _state(self) -> tuple[int, Decimal, int | None, Decimal | None]:
+        if self._final is not None:
+            return self._final
         if self._id is None:
             return (0, Decimal(0), self.tokens_limit, self.cost_limit)
         return self._guard._budget_state(self._id)

@@ -10,7 +10,6 @@ pyo3::import_exception!(quotaguard.exceptions, AccountOverdue);
 pyo3::import_exception!(quotaguard.exceptions, BudgetExceeded);
 pyo3::import_exception!(quotaguard.exceptions, LedgerError);
 pyo3::import_exception!(quotaguard.exceptions, LeaseExpiredWarning);
-pyo3::import_exception!(quotaguard.exceptions, UnpricedWarning);
 
 /// Core errors cross into Python here and nowhere else.
 pub struct PyQuotaError(pub QuotaError);

@@ -417,14 +417,17 @@ impl PyQuotaGuard {
     /// R12: set a model's remaining and total from the console's figure, e.g. `"362,917/1,000,000"`.
     fn sync(&self, py: Python<'_>, model: &str, console_text: &str) -> PyResult<PyQuota> {
         let now = self.now_ms(py)?;
-        self.run(py, |g| g.sync(model, console_text, now))
-            .map(PyQuota)
+        let (q, alerts) = self.run(py, |g| g.sync(model, console_text, now))?;
+        self.dispatch(py, alerts)?;
+        Ok(PyQuota(q))
     }
 
     /// R12: the service answered `AllocationQuota.FreeTierOnly` for `model`.
     fn _mark_depleted(&self, py: Python<'_>, model: &str) -> PyResult<PyQuota> {
         let now = self.now_ms(py)?;
-        self.run(py, |g| g.mark_depleted(model, now)).map(PyQuota)
+        let (q, alerts) = self.run(py, |g| g.mark_depleted(model, now))?;
+        self.dispatch(py, alerts)?;
+        Ok(PyQuota(q))
     }
 
     // ---- calls ----
@@ -877,22 +880,24 @@ impl PyReservation {
                 return Err(e);
             }
         };
+        // Alerts first: a warning turned into an error must not swallow them.
+        let record = out.record;
+        g.dispatch(py, out.alerts)?;
+        if record.cost_type == CostType::Unpriced {
+            g.warn_unpriced(py, &self.row.model)?;
+        }
         if out.lease_expired {
             let msg = format!(
                 "reservation {} for {:?} was settled after its lease of {} s had ended; its usage was recorded \
                  anyway (raise lease_seconds for calls this long)",
                 self.row.id,
                 self.row.model,
-                g.inner.config.lease_ms / 1000
+                g.inner.config.lease_ms as f64 / 1000.0
             );
             let cat = py.get_type::<LeaseExpiredWarning>();
             PyErr::warn(py, cat.as_any(), &CString::new(msg).unwrap_or_default(), 1)?;
         }
-        if out.record.cost_type == CostType::Unpriced {
-            g.warn_unpriced(py, &self.row.model)?;
-        }
-        g.dispatch(py, out.alerts)?;
-        Ok(PyUsageRecord(out.record))
+        Ok(PyUsageRecord(record))
     }
 }
 

@@ -393,12 +393,18 @@ impl PyAlert {
     }
     fn __repr__(&self) -> String {
         format!(
-            "Alert(kind={:?}, model={:?}, remaining={}, total={}, amount={:?})",
+            "Alert(kind={:?}, model={}, remaining={}, total={}, amount={})",
             self.0.kind.as_str(),
-            self.0.model,
+            self.0
+                .model
+                .as_ref()
+                .map_or_else(|| "None".to_string(), |m| format!("{m:?}")),
             self.0.remaining,
             self.0.total,
-            self.0.amount.map(|a| to_decimal(a).to_string())
+            self.0.amount.map_or_else(
+                || "None".to_string(),
+                |a| format!("Decimal('{}')", to_decimal(a))
+            )
         )
     }
     fn __str__(&self) -> String {

@@ -180,8 +180,79 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-fn line_of(text: &str, needle: &str) -> Option<usize> {
-    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+/// The line of a model's table header (`[models.NAME]`, `[models."NAME".prices…]`),
+/// else the first line outside a comment that names it.
+fn model_line(text: &str, model: &str) -> Option<usize> {
+    if model.is_empty() {
+        return None;
+    }
+    let quoted = format!("\"{model}\"");
+    let header = |l: &str| {
+        let t = l.trim_start();
+        t.starts_with('[')
+            && (t.contains(&format!("models.{model}]"))
+                || t.contains(&format!("models.{model}."))
+                || t.contains(&format!("models.{quoted}")))
+    };
+    let named = |l: &str| !l.trim_start().starts_with('#') && l.contains(model);
+    text.lines()
+        .position(header)
+        .or_else(|| text.lines().position(named))
+        .map(|i| i + 1)
+}
+
+/// The shape a single catalogue file may have: everything optional, nothing unknown.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct PartialCatalog {
+    catalog: Option<PartialHeader>,
+    defaults: Option<PartialDefaults>,
+    #[serde(default)]
+    models: BTreeMap<String, PartialModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct PartialHeader {
+    prices_read: Option<String>,
+    source: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct PartialDefaults {
+    free_tokens: Option<u64>,
+    valid_days: Option<u32>,
+    max_output_tokens: Option<u64>,
+    default_max_output_tokens: Option<u64>,
+    cache_hit_percent: Option<u32>,
+    batch_percent: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct PartialModel {
+    free_tokens: Option<u64>,
+    valid_days: Option<u32>,
+    max_input_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+    default_max_output_tokens: Option<u64>,
+    #[serde(default)]
+    prices: BTreeMap<String, PartialPrices>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct PartialPrices {
+    currency: Option<String>,
+    tiers: Option<Vec<RawTier>>,
+    cache_hit_percent: Option<u32>,
+    batch_percent: Option<u32>,
 }
 
 impl Catalog {
@@ -202,23 +273,37 @@ impl Catalog {
     pub fn from_sources(sources: &[(&str, &str)]) -> Result<Self> {
         let mut merged = toml::Table::new();
         for (name, text) in sources {
-            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let at = |e: &toml::de::Error| {
                 let line = e
                     .span()
-                    .map(|s| text[..s.start].matches('\n').count() + 1)
-                    .unwrap_or(0);
-                invalid(format!("catalog {name:?} line {line}: {}", e.message()))
-            })?;
+                    .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                    .unwrap_or(1);
+                let hint = if e.message().contains("floating point") {
+                    " (write prices as decimal strings, e.g. \"2.4\": floats are inexact)"
+                } else {
+                    ""
+                };
+                invalid(format!(
+                    "catalog {name:?} line {line}: {}{hint}",
+                    e.message()
+                ))
+            };
+            let table: toml::Table = text.parse().map_err(|e| at(&e))?;
+            // Each file on its own first: its errors then carry its own line numbers.
+            toml::from_str::<PartialCatalog>(text).map_err(|e| at(&e))?;
             merge(&mut merged, table);
         }
         let (last_name, last_text) = sources.last().copied().unwrap_or(("catalogue", ""));
-        let locate = |what: &str| match line_of(last_text, what) {
+        let locate = |model: &str| match model_line(last_text, model) {
             Some(l) => format!("catalog {last_name:?} line {l}"),
             None => format!("catalog {last_name:?}"),
         };
-        let raw: RawCatalog = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e: toml::de::Error| invalid(format!("{}: {}", locate(""), e.message())))?;
+        let raw: RawCatalog =
+            toml::Value::Table(merged)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    invalid(format!("catalog {last_name:?}: {}", e.message()))
+                })?;
         let d = raw.defaults;
         let mut models = BTreeMap::new();
         for (name, m) in raw.models {
@@ -345,12 +430,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"user.toml\" line 3"), "{e}");
-        let bad = "[models.my-model]\nvalid_days = 200\n";
+        let bad = "# prices\n[models.qwen-max]\nfree_tokens = 1\ncolour = \"blue\"\n";
         let e = Catalog::from_sources(&[("b", BUNDLED), ("user.toml", bad)])
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("\"user.toml\" line 1") && e.contains("200"),
+            e.contains("\"user.toml\" line 4") && e.contains("colour"),
+            "{e}"
+        );
+        let bad = "[models.qwen-max.prices.china]\ncurrency = \"CNY\"\ntiers = [{ input = 2.4, output = \"1\" }]\n";
+        let e = Catalog::from_sources(&[("b", BUNDLED), ("user.toml", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"user.toml\" line 3") && e.contains("decimal strings"),
+            "{e}"
+        );
+        let bad = "# my-model is ours\n\n[models.my-model]\nvalid_days = 200\n";
+        let e = Catalog::from_sources(&[("b", BUNDLED), ("user.toml", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"user.toml\" line 3") && e.contains("200"),
             "{e}"
         );
         let bad = "[models.m.prices.china]\ncurrency = \"USD\"\ntiers = [{ input = \"1\", output = \"1\" }]\n";

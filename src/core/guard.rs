@@ -14,7 +14,7 @@ use crate::core::error::{invalid, thousands, QuotaError, Refusal, Result};
 use crate::core::ledger::memory::Memory;
 use crate::core::ledger::sqlite::{self, Sqlite};
 use crate::core::ledger::{
-    AccountOp, AccountRow, FreeOnlyTarget, GrantArgs, HourRow, Ledger, Local, Reconcile,
+    AccountOp, AccountRow, Alert, FreeOnlyTarget, GrantArgs, HourRow, Ledger, Local, Reconcile,
     RecordQuery, Release, ReservationRow, ReserveArgs, SettleArgs, SettleOutcome, SpendRule,
     UsageRecord,
 };
@@ -226,7 +226,7 @@ pub struct BillLine {
     pub free_tokens: u64,
     pub billable_input_tokens: u64,
     pub billable_output_tokens: u64,
-    pub cost: i64,
+    pub cost: i128,
     pub unpriced_calls: u64,
 }
 
@@ -235,7 +235,7 @@ pub struct Bill {
     pub period: String,
     pub currency: Currency,
     pub lines: Vec<BillLine>,
-    pub total: i64,
+    pub total: i128,
     pub charged_models: Vec<String>,
 }
 
@@ -426,24 +426,33 @@ impl Guard {
             .set_free_only(self.account(), target, enable, self.config.policy(), now_ms)
     }
 
-    pub fn sync(&self, model: &str, console_text: &str, now_ms: i64) -> Result<QuotaView> {
+    /// R12: the console's figure; returns the quota and the alerts it crossed.
+    pub fn sync(
+        &self,
+        model: &str,
+        console_text: &str,
+        now_ms: i64,
+    ) -> Result<(QuotaView, Vec<Alert>)> {
         Self::check_model(model)?;
         let (remaining, total) = parse_console_figure(console_text)?;
-        self.ledger.reconcile(
-            self.account(),
-            model,
-            Reconcile::Console { remaining, total },
-            now_ms,
-        )?;
-        self.quota(model, now_ms)
+        let op = Reconcile::Console { remaining, total };
+        let (_, alerts) =
+            self.ledger
+                .reconcile(self.account(), model, op, self.threshold_ppm(), now_ms)?;
+        Ok((self.quota(model, now_ms)?, alerts))
     }
 
     /// R12: the service answered `AllocationQuota.FreeTierOnly`.
-    pub fn mark_depleted(&self, model: &str, now_ms: i64) -> Result<QuotaView> {
+    pub fn mark_depleted(&self, model: &str, now_ms: i64) -> Result<(QuotaView, Vec<Alert>)> {
         Self::check_model(model)?;
-        self.ledger
-            .reconcile(self.account(), model, Reconcile::Depleted, now_ms)?;
-        self.quota(model, now_ms)
+        let (_, alerts) = self.ledger.reconcile(
+            self.account(),
+            model,
+            Reconcile::Depleted,
+            self.threshold_ppm(),
+            now_ms,
+        )?;
+        Ok((self.quota(model, now_ms)?, alerts))
     }
 
     // ---- calls ----
@@ -483,11 +492,26 @@ impl Guard {
         Ok(hold)
     }
 
-    fn hold_budget_cost(&self, hold: &mut BudgetHold, cost: i64) -> Result<()> {
+    /// `cost`: the call's worst-case cost, `None` when it cannot be known (no price).
+    fn hold_budget_cost(
+        &self,
+        hold: &mut BudgetHold,
+        model: &str,
+        cost: Option<i64>,
+    ) -> Result<()> {
         let mut budgets = self.budgets.lock();
         for id in &hold.ids {
             if let Some(b) = budgets.get(id) {
                 if let Some(left) = b.cost_left() {
+                    let Some(cost) = cost else {
+                        return Err(QuotaError::Budget(format!(
+                            "budget {} has a cost limit, and {model:?} has no known price: its cost \
+                             cannot be bounded (add its prices with catalog=)",
+                            b.name
+                                .as_deref()
+                                .map_or_else(|| format!("#{id}"), |n| format!("{n:?}")),
+                        )));
+                    };
                     if cost > left {
                         return Err(QuotaError::Budget(format!(
                             "budget {} exceeded: the call may cost {} {}, {} left",
@@ -502,6 +526,7 @@ impl Guard {
                 }
             }
         }
+        let cost = cost.unwrap_or(0);
         for id in &hold.ids {
             if let Some(b) = budgets.get_mut(id) {
                 b.held_cost += cost;
@@ -576,9 +601,10 @@ impl Guard {
                         ..Default::default()
                     })
                 })
-                .transpose()?
-                .unwrap_or(0);
-            if let Err(e) = self.hold_budget_cost(&mut hold, cost) {
+                .transpose()?;
+            // Nothing billable: free, whatever the price.
+            let cost = if billable == 0 { Some(0) } else { cost };
+            if let Err(e) = self.hold_budget_cost(&mut hold, model, cost) {
                 self.end_hold(&hold, None);
                 self.ledger
                     .release(self.account(), model, row.id, false, now_ms)?;
@@ -682,10 +708,10 @@ impl Guard {
         self.budgets.lock().get(&id).cloned()
     }
 
-    /// Forgets a closed budget once nothing reads it.
+    /// Forgets a closed budget (calls still in flight then count in no budget).
     pub fn drop_budget(&self, id: u64) {
         let mut b = self.budgets.lock();
-        if b.get(&id).is_some_and(|s| !s.active && s.held_tokens == 0) {
+        if b.get(&id).is_some_and(|s| !s.active) {
             b.remove(&id);
         }
     }
@@ -739,7 +765,7 @@ impl Guard {
             l.unpriced_calls += r.unpriced_calls;
         }
         let lines: Vec<BillLine> = by_model.into_values().collect();
-        let total = lines.iter().try_fold(0i64, |a, l| a.checked_add(l.cost));
+        let total = lines.iter().try_fold(0i128, |a, l| a.checked_add(l.cost));
         let charged_models = lines
             .iter()
             .filter(|l| l.cost > 0 || l.unpriced_calls > 0)

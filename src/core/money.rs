@@ -43,9 +43,10 @@ impl fmt::Display for Currency {
     }
 }
 
-/// pico-units -> an exact decimal with trailing zeros removed.
-pub fn to_decimal(pico: i64) -> Decimal {
-    Decimal::from_i128_with_scale(pico as i128, PICO_SCALE).normalize()
+/// pico-units -> an exact decimal with trailing zeros removed. Sums of many amounts
+/// are `i128`, so no bill overflows.
+pub fn to_decimal(pico: impl Into<i128>) -> Decimal {
+    Decimal::from_i128_with_scale(pico.into(), PICO_SCALE).normalize()
 }
 
 /// An exact decimal amount -> pico-units; refuses what pico-units cannot hold exactly.
@@ -69,7 +70,7 @@ pub fn parse_amount(text: &str, what: &str) -> Result<i64> {
 }
 
 /// `12.5` -> `"12.50"`; amounts shown with at least two decimals.
-pub fn format_amount(pico: i64) -> String {
+pub fn format_amount(pico: impl Into<i128>) -> String {
     let d = to_decimal(pico);
     if d.scale() < 2 {
         format!("{:.2}", d)

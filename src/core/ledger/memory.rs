@@ -154,7 +154,7 @@ impl Tx for State {
         d.free_tokens += r.free_tokens;
         d.billable_input_tokens += r.billable_input_tokens;
         d.billable_output_tokens += r.billable_output_tokens;
-        d.cost += r.cost.unwrap_or(0);
+        d.cost += i128::from(r.cost.unwrap_or(0));
         d.unpriced_calls += u64::from(r.cost_type == CostType::Unpriced);
         self.records.push(r.clone());
         Ok(())
@@ -193,7 +193,7 @@ impl Tx for State {
         Ok(true)
     }
 
-    fn day_cost(&mut self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i64> {
+    fn day_cost(&mut self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i128> {
         Ok(self
             .daily
             .iter()

@@ -8,7 +8,7 @@
 //! decisions themselves come from [`crate::core::rules`].
 use chrono::NaiveDate;
 
-use crate::core::clock::{cst_day, cst_day_start, hour_start, DAY_MS};
+use crate::core::clock::{cst_day, cst_day_start, hour_start, system_now_ms, DAY_MS};
 use crate::core::error::{QuotaError, Refusal, Result};
 use crate::core::money::{Billable, Currency, PriceTable};
 use crate::core::quota::QuotaRow;
@@ -75,7 +75,8 @@ pub struct DailyRow {
     pub free_tokens: u64,
     pub billable_input_tokens: u64,
     pub billable_output_tokens: u64,
-    pub cost: i64,
+    /// pico-units, summed without overflow.
+    pub cost: i128,
     pub unpriced_calls: u64,
     pub currency: Currency,
 }
@@ -110,7 +111,7 @@ pub struct Alert {
     pub total: u64,
     pub threshold_ppm: Option<u32>,
     /// For `daily_spend`: the previous CST day's bill, and the day.
-    pub amount: Option<i64>,
+    pub amount: Option<i128>,
     pub limit: Option<i64>,
     pub day: Option<NaiveDate>,
     pub time_ms: i64,
@@ -245,8 +246,15 @@ pub trait Ledger: Send + Sync {
         policy: Policy,
         now_ms: i64,
     ) -> Result<Vec<String>>;
-    fn reconcile(&self, account: &str, model: &str, op: Reconcile, now_ms: i64)
-        -> Result<QuotaRow>;
+    /// R12 reconciliation; returns the quota alerts it crossed (R10).
+    fn reconcile(
+        &self,
+        account: &str,
+        model: &str,
+        op: Reconcile,
+        threshold_ppm: Option<u32>,
+        now_ms: i64,
+    ) -> Result<(QuotaRow, Vec<Alert>)>;
     fn reserve(&self, a: &ReserveArgs<'_>) -> Result<std::result::Result<ReservationRow, Refusal>>;
     fn settle(&self, a: &SettleArgs<'_>) -> Result<SettleOutcome>;
     fn release(
@@ -309,7 +317,7 @@ pub trait Tx {
     ) -> Result<()>;
     /// Records that alert `key` fired; false if it had fired before.
     fn fire_once(&mut self, account: &str, key: &str, now_ms: i64) -> Result<bool>;
-    fn day_cost(&mut self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i64>;
+    fn day_cost(&mut self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i128>;
     fn records(&mut self, q: &RecordQuery) -> Result<Vec<UsageRecord>>;
     fn daily(&mut self, account: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<DailyRow>>;
     fn hourly(
@@ -357,7 +365,7 @@ fn spend_alerts(
             continue;
         }
         let cost = tx.day_cost(account, yesterday, rule.model.as_deref())?;
-        if cost > rule.limit {
+        if cost > i128::from(rule.limit) {
             out.push(Alert {
                 kind: AlertKind::DailySpend,
                 model: rule.model.clone(),
@@ -474,8 +482,9 @@ impl<B: Backend> Ledger for Local<B> {
             let mut changes = Vec::new();
             for m in &models {
                 let q = tx.quota(account, m)?;
-                let reserved = tx.reserved(account, m, now_ms, None)?;
-                let left = rules::remaining(q.as_ref(), reserved, policy, now_ms);
+                // The switch looks at what is unused, as the console does: tokens merely
+                // held by calls in flight still count as left.
+                let left = rules::remaining(q.as_ref(), 0, policy, now_ms);
                 if all {
                     if q.is_some_and(|q| !q.configured) && left > 0 {
                         changes.push((m.clone(), q.expect("checked above")));
@@ -506,8 +515,9 @@ impl<B: Backend> Ledger for Local<B> {
         account: &str,
         model: &str,
         op: Reconcile,
+        threshold_ppm: Option<u32>,
         now_ms: i64,
-    ) -> Result<QuotaRow> {
+    ) -> Result<(QuotaRow, Vec<Alert>)> {
         self.0.write(|tx| {
             let q = tx.quota(account, model)?;
             let q = match (op, q) {
@@ -538,7 +548,8 @@ impl<B: Backend> Ledger for Local<B> {
                 },
             };
             tx.put_quota(account, model, &q)?;
-            Ok(q)
+            let alerts = quota_alerts(tx, account, model, &q, threshold_ppm, now_ms)?;
+            Ok((q, alerts))
         })
     }
 
@@ -587,10 +598,12 @@ impl<B: Backend> Ledger for Local<B> {
     fn settle(&self, a: &SettleArgs<'_>) -> Result<SettleOutcome> {
         self.0.write(|tx| {
             let mut lease_expired = false;
+            let mut overrun = false;
             if let Some(id) = a.reservation {
                 match tx.reservation(a.account, a.model, id)? {
                     Some(r) => {
                         lease_expired = r.expires_ms <= a.now_ms;
+                        overrun = a.input_tokens + a.output_tokens > r.worst;
                         tx.delete_reservation(a.account, a.model, id)?;
                     }
                     None => {
@@ -601,7 +614,14 @@ impl<B: Backend> Ledger for Local<B> {
                 }
             }
             let mut q = tx.quota(a.account, a.model)?;
-            let others = tx.reserved(a.account, a.model, a.now_ms, a.reservation)?;
+            // Within its worst case a call draws on its own hold and leaves the others'
+            // alone. Past it, the record tells the truth (R9): the service gave free
+            // tokens up to what remained, whoever had reserved them.
+            let others = if overrun {
+                0
+            } else {
+                tx.reserved(a.account, a.model, a.now_ms, a.reservation)?
+            };
             let cap = rules::settle_cap(q.as_ref(), others, a.policy, a.kind, a.now_ms);
             let split = rules::split(a.input_tokens, a.output_tokens, cap);
             let billable = Billable {
@@ -624,10 +644,6 @@ impl<B: Backend> Ledger for Local<B> {
             let mut alerts = Vec::new();
             if let Some(qr) = q.as_mut() {
                 qr.used += split.free;
-                // R9: an overrun under R6 refusal leaves the model used up.
-                if has_bill && a.kind.covered() && rules::refuses_chargeable(Some(qr), a.policy) {
-                    qr.used = qr.total;
-                }
                 tx.put_quota(a.account, a.model, qr)?;
                 alerts.extend(quota_alerts(
                     tx,
@@ -779,18 +795,20 @@ pub fn day_bounds(from: NaiveDate, to: NaiveDate) -> (i64, i64) {
     (cst_day_start(from), cst_day_start(to))
 }
 
-/// A fresh positive 63-bit id, unpredictable across processes (no shared counter).
+/// A fresh positive 63-bit id without a shared counter: a random 31-bit prefix per
+/// process, then a counter, so ids rise in call order within a process and two
+/// processes almost never meet (a clash is retried by the caller).
 pub fn fresh_id() -> i64 {
     use std::hash::{BuildHasher, RandomState};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
-    static SEED: OnceLock<RandomState> = OnceLock::new();
+    static PREFIX: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        RandomState::new().hash_one((std::process::id(), system_now_ms())) & 0x7fff_ffff
+    });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let h = SEED
-        .get_or_init(RandomState::new)
-        .hash_one((n, std::process::id()));
-    (h >> 1) as i64 | 1
+    ((prefix << 32).wrapping_add(n) & 0x7fff_ffff_ffff_ffff) as i64
 }
 
 /// Reservations that expired more than a day ago are deleted when a ledger opens.

@@ -1,6 +1,8 @@
 //! The embedded default ledger: one SQLite file shared by every thread,
 //! process and guard that opens it. WAL mode, `BEGIN IMMEDIATE` around each
 //! read-decide-write step, a busy timeout, and a versioned schema.
+use std::collections::btree_map::Entry;
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,7 +15,7 @@ use super::{
     AccountRow, Backend, DailyRow, HourRow, RecordQuery, ReservationRow, StatsDelta, Tx,
     UsageRecord, STALE_RESERVATION_MS,
 };
-use crate::core::clock::{cst_day, hour_start, system_now_ms, DAY_MS};
+use crate::core::clock::{cst_day, hour_start, system_now_ms};
 use crate::core::error::{QuotaError, Result};
 use crate::core::money::Currency;
 use crate::core::quota::QuotaRow;
@@ -55,7 +57,9 @@ const MIGRATIONS: &[&str] = &[
         failures INTEGER NOT NULL DEFAULT 0, input_tokens INTEGER NOT NULL DEFAULT 0,
         output_tokens INTEGER NOT NULL DEFAULT 0, records INTEGER NOT NULL DEFAULT 0,
         free_tokens INTEGER NOT NULL DEFAULT 0, billable_input INTEGER NOT NULL DEFAULT 0,
-        billable_output INTEGER NOT NULL DEFAULT 0, cost INTEGER NOT NULL DEFAULT 0,
+        billable_output INTEGER NOT NULL DEFAULT 0,
+        -- pico-units as decimal text: a sum may pass what a 64-bit integer holds
+        cost TEXT NOT NULL DEFAULT '0',
         unpriced_calls INTEGER NOT NULL DEFAULT 0, currency TEXT,
         PRIMARY KEY (account, hour_ms, model, kind)) WITHOUT ROWID;
     CREATE TABLE alerts (
@@ -274,6 +278,11 @@ fn kind_of(text: &str) -> Kind {
 
 fn currency_of(text: &str) -> Currency {
     Currency::parse(text).unwrap_or(Currency::Cny)
+}
+
+/// A running money total stored as decimal text.
+fn pico_sum(text: Option<&str>) -> i128 {
+    text.and_then(|t| t.parse().ok()).unwrap_or(0)
 }
 
 fn u(v: i64) -> u64 {
@@ -541,6 +550,21 @@ impl Tx for SqliteTx<'_> {
                 break;
             }
         }
+        let hour = hour_start(r.time_ms);
+        let old: Option<String> = {
+            let mut st = self
+                .conn
+                .prepare_cached(
+                    "SELECT cost FROM totals WHERE account = ?1 AND hour_ms = ?2 AND model = ?3 AND kind = ?4",
+                )
+                .map_err(|e| self.err(e))?;
+            st.query_row(params![r.account, hour, r.model, r.kind.as_str()], |row| {
+                row.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))?
+        };
+        let cost = pico_sum(old.as_deref()) + i128::from(r.cost.unwrap_or(0));
         let mut st = self
             .conn
             .prepare_cached(
@@ -552,20 +576,20 @@ impl Tx for SqliteTx<'_> {
                    free_tokens = free_tokens + excluded.free_tokens,
                    billable_input = billable_input + excluded.billable_input,
                    billable_output = billable_output + excluded.billable_output,
-                   cost = cost + excluded.cost,
+                   cost = excluded.cost,
                    unpriced_calls = unpriced_calls + excluded.unpriced_calls,
                    currency = excluded.currency",
             )
             .map_err(|e| self.err(e))?;
         st.execute(params![
             r.account,
-            hour_start(r.time_ms),
+            hour,
             r.model,
             r.kind.as_str(),
             i(r.free_tokens),
             i(r.billable_input_tokens),
             i(r.billable_output_tokens),
-            r.cost.unwrap_or(0),
+            cost.to_string(),
             i64::from(r.cost_type == CostType::Unpriced),
             r.currency.code()
         ])
@@ -622,17 +646,23 @@ impl Tx for SqliteTx<'_> {
         Ok(n == 1)
     }
 
-    fn day_cost(&mut self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i64> {
+    fn day_cost(&mut self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i128> {
         let (from, to) = super::day_bounds(day, day.succ_opt().unwrap_or(day));
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT coalesce(sum(cost), 0) FROM totals
+                "SELECT cost FROM totals
                  WHERE account = ?1 AND hour_ms >= ?2 AND hour_ms < ?3 AND (?4 IS NULL OR model = ?4)",
             )
             .map_err(|e| self.err(e))?;
-        st.query_row(params![account, from, to, model], |r| r.get(0))
-            .map_err(|e| self.err(e))
+        let rows = st
+            .query_map(params![account, from, to, model], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?;
+        let mut total = 0i128;
+        for c in rows {
+            total += pico_sum(Some(&c.map_err(|e| self.err(e))?));
+        }
+        Ok(total)
     }
 
     fn records(&mut self, q: &RecordQuery) -> Result<Vec<UsageRecord>> {
@@ -668,20 +698,19 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT (hour_ms + 28800000) / 86400000 AS d, model, kind, sum(records), sum(input_tokens),
-                 sum(output_tokens), sum(free_tokens), sum(billable_input), sum(billable_output),
-                 sum(cost), sum(unpriced_calls), max(currency)
-                 FROM totals WHERE account = ?1 AND hour_ms >= ?2 AND hour_ms < ?3 AND records > 0
-                 GROUP BY d, model, kind ORDER BY d, model, kind",
+                "SELECT hour_ms, model, kind, records, input_tokens, output_tokens, free_tokens,
+                 billable_input, billable_output, cost, unpriced_calls, currency
+                 FROM totals WHERE account = ?1 AND hour_ms >= ?2 AND hour_ms < ?3 AND records > 0",
             )
             .map_err(|e| self.err(e))?;
         let rows = st
             .query_map(params![account, from_ms, to_ms], |r| {
-                let day_index: i64 = r.get(0)?;
+                let hour: i64 = r.get(0)?;
                 let kind: String = r.get(2)?;
+                let cost: String = r.get(9)?;
                 let currency: Option<String> = r.get(11)?;
                 Ok(DailyRow {
-                    day: cst_day(day_index * DAY_MS),
+                    day: cst_day(hour),
                     model: r.get(1)?,
                     kind: kind_of(&kind),
                     calls: u(r.get(3)?),
@@ -690,14 +719,34 @@ impl Tx for SqliteTx<'_> {
                     free_tokens: u(r.get(6)?),
                     billable_input_tokens: u(r.get(7)?),
                     billable_output_tokens: u(r.get(8)?),
-                    cost: r.get(9)?,
+                    cost: pico_sum(Some(&cost)),
                     unpriced_calls: u(r.get(10)?),
                     currency: currency_of(currency.as_deref().unwrap_or("CNY")),
                 })
             })
             .map_err(|e| self.err(e))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.err(e))
+        // Hours add up to CST days here, in 128-bit money.
+        let mut days: BTreeMap<(NaiveDate, String, &'static str), DailyRow> = BTreeMap::new();
+        for row in rows {
+            let row = row.map_err(|e| self.err(e))?;
+            match days.entry((row.day, row.model.clone(), row.kind.as_str())) {
+                Entry::Vacant(v) => {
+                    v.insert(row);
+                }
+                Entry::Occupied(mut o) => {
+                    let d = o.get_mut();
+                    d.calls += row.calls;
+                    d.input_tokens += row.input_tokens;
+                    d.output_tokens += row.output_tokens;
+                    d.free_tokens += row.free_tokens;
+                    d.billable_input_tokens += row.billable_input_tokens;
+                    d.billable_output_tokens += row.billable_output_tokens;
+                    d.cost += row.cost;
+                    d.unpriced_calls += row.unpriced_calls;
+                }
+            }
+        }
+        Ok(days.into_values().collect())
     }
 
     fn hourly(

@@ -199,3 +199,37 @@ fn sqlite_file_is_private() {
         0o600
     );
 }
+
+#[test]
+fn an_overrun_takes_what_remained() {
+    for (l, _d) in backends() {
+        let l = l.as_ref();
+        grant(l, 1000);
+        let a = reserve(l, 500, T0).unwrap();
+        let b = reserve(l, 200, T0).unwrap();
+        let over = settle(l, b.id, 900, 300, T0).unwrap().record;
+        assert_eq!((over.free_tokens, over.billable_output_tokens), (1000, 200));
+        let late = settle(l, a.id, 300, 200, T0).unwrap().record;
+        assert_eq!(late.free_tokens, 0);
+        let q = l.quota("a", "m", T0).unwrap().unwrap().0;
+        assert_eq!(q.used, 1000);
+    }
+}
+
+#[test]
+fn the_switch_counts_reserved_tokens_as_left() {
+    for (l, _d) in backends() {
+        let l = l.as_ref();
+        grant(l, 1000);
+        let _held = reserve(l, 1000, T0).unwrap();
+        let m = ["m".to_string()];
+        assert_eq!(
+            l.set_free_only("a", FreeOnlyTarget::Models(&m), true, ON, T0)
+                .unwrap(),
+            m
+        );
+        assert!(l
+            .set_free_only("a", FreeOnlyTarget::Models(&m), false, ON, T0)
+            .is_err());
+    }
+}
