@@ -51,12 +51,12 @@ def guard() -> Iterator[Any]:
 
 @pytest.fixture
 def ds(guard: Any) -> Any:
-    return wrap_dashscope(guard)
+    return guard.wrap_dashscope()
 
 
 @pytest.fixture
 def client(guard: Any, server: FakeDashScope) -> Iterator[GuardedOpenAI]:
-    with wrap_openai(guard, openai.OpenAI(api_key=KEY, base_url=server.openai_base)) as wrapped:
+    with guard.wrap_openai(openai.OpenAI(api_key=KEY, base_url=server.openai_base)) as wrapped:
         yield wrapped
 
 
@@ -458,3 +458,9 @@ def test_openai_parse_and_raw_responses(guard: Any, client: Any, server: FakeDas
     first, second = guard.records()
     assert (first.input_tokens, first.output_tokens) == server_usage(server, 2)[0][1:]
     assert second.output_tokens == 15  # a raw response shows no usage: the worst case
+
+
+def test_openai_thinking_call(guard: Any, client: Any, server: FakeDashScope) -> None:
+    completion = chat(client, extra_body={"enable_thinking": True, "thinking_budget": 50})
+    assert completion.usage.completion_tokens_details.reasoning_tokens > 0
+    assert recorded(guard) == server_usage(server, 1)

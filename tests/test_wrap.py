@@ -94,7 +94,7 @@ def test_plain_http_call_returning_a_dict(guard: Any, server: FakeDashScope) -> 
 
 
 def test_sdk_call_and_stream_in_a_wrapped_function(guard: Any, server: FakeDashScope) -> None:
-    @guard_wrap(guard)
+    @guard.wrap
     def ask(model: str, messages: list[dict[str, Any]], stream: bool = False) -> Any:
         return dashscope.Generation.call(model=model, messages=messages, api_key=KEY, stream=stream)
 
@@ -105,14 +105,8 @@ def test_sdk_call_and_stream_in_a_wrapped_function(guard: Any, server: FakeDashS
     assert recorded(guard) == server_usage(server, 2)
 
 
-def guard_wrap(guard: Any, **options: Any) -> Any:
-    """``guard.wrap`` when the guard has it, else this module's ``wrap``."""
-    method = getattr(guard, "wrap", None)
-    return method(**options) if method is not None else wrap(guard, **options)
-
-
 def test_async_function(guard: Any, server: FakeDashScope) -> None:
-    @wrap(guard, model=MODEL)
+    @guard.wrap(model=MODEL)
     async def ask(prompt: str) -> Any:
         return await dashscope.AioGeneration.call(model=MODEL, prompt=prompt, api_key=KEY)
 
