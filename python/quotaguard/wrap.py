@@ -120,28 +120,62 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, default=_jsonable)
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """What a function's signature says about where arguments go."""
+
+    positional: tuple[str, ...]  # names of the leading positional parameters, in order
+    keywords: frozenset[str]
+    any_keyword: bool  # takes **kwargs (or its signature is unknown)
+
+
+_UNKNOWN_SHAPE = _Shape((), frozenset(), True)
+
+
+@functools.lru_cache(maxsize=512)
+def _shape_of(func: Callable[..., Any], bound: bool) -> _Shape:
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):  # builtins and C callables: keywords only
+        return _UNKNOWN_SHAPE
+    if bound and params:
+        params = params[1:]
+    kinds = inspect.Parameter
+    positional: list[str] = []
+    for p in params:
+        if p.kind not in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD):
+            break
+        positional.append(p.name)
+    return _Shape(
+        tuple(positional),
+        frozenset(
+            p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
+        ),
+        any(p.kind is kinds.VAR_KEYWORD for p in params),
+    )
+
+
+def _shape(fn: Callable[..., Any]) -> _Shape:
+    # Bound methods are new objects on every attribute access: cache on the function.
+    func = getattr(fn, "__func__", None)
+    try:
+        if func is not None and getattr(fn, "__self__", None) is not None:
+            return _shape_of(func, True)
+        return _shape_of(fn, False)
+    except TypeError:  # unhashable callable
+        return _shape_of.__wrapped__(fn, False)
+
+
 class _CallArgs:
     """The arguments of one call, readable and rewritable by parameter name."""
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
         self.args = list(args)
         self.kwargs = dict(kwargs)
-        self._positional: dict[str, int] = {}
-        self._keywords: set[str] = set()
-        self._any_keyword = True
-        try:
-            params = list(inspect.signature(fn).parameters.values())
-        except (TypeError, ValueError):  # builtins and C callables: keywords only
-            return
-        kinds = inspect.Parameter
-        self._any_keyword = any(p.kind is kinds.VAR_KEYWORD for p in params)
-        self._keywords = {
-            p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
-        }
-        for index, param in enumerate(params[: len(args)]):
-            if param.kind is kinds.VAR_POSITIONAL:
-                break
-            self._positional[param.name] = index
+        shape = _shape(fn)
+        self._positional = {name: i for i, name in enumerate(shape.positional[: len(args)])}
+        self._keywords = shape.keywords
+        self._any_keyword = shape.any_keyword
 
     def get(self, name: str) -> Any:
         if name in self.kwargs:
