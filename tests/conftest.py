@@ -13,13 +13,15 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import quotaguard as qg
+from quotaguard.testing import FakeDashScope
 
 CST = dt.timezone(dt.timedelta(hours=8), "CST")
 START = dt.datetime(2026, 1, 10, 12, 0, tzinfo=CST)
@@ -37,8 +39,9 @@ class Clock:
     def __call__(self) -> dt.datetime:
         return self.now
 
-    def advance(self, seconds: float) -> dt.datetime:
-        self.now += dt.timedelta(seconds=seconds)
+    def advance(self, seconds: float = 0.0, **delta: float) -> dt.datetime:
+        """Moves the clock on: ``advance(90)`` or ``advance(hours=2, minutes=5)``."""
+        self.now += dt.timedelta(seconds=seconds, **delta)
         return self.now
 
     def set(self, when: dt.datetime) -> dt.datetime:
@@ -80,3 +83,31 @@ def make_guard(ledger_path: Path, clock: Clock) -> Callable[..., qg.QuotaGuard]:
         return qg.QuotaGuard(ledger, **kwargs)
 
     return make
+
+
+# ---- the local test server, for the SDK tests --------------------------------------
+
+SDK_KEY = "sk-test"
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDashScope]:
+    """A FakeDashScope that wants ``SDK_KEY``, with dashscope's base URL pointed at it."""
+    import dashscope
+
+    with FakeDashScope(api_key=SDK_KEY) as fake:
+        monkeypatch.setattr(dashscope, "base_http_api_url", fake.native_base)
+        yield fake
+
+
+def recorded(guard: Any) -> list[tuple[str, int, int]]:
+    """The guard's records as (model, input tokens, output tokens)."""
+    return [(r.model, r.input_tokens, r.output_tokens) for r in guard.records()]
+
+
+def server_usage(server: FakeDashScope, calls: int) -> list[tuple[str, int, int]]:
+    """The server's usage log once it holds ``calls`` entries."""
+    deadline = time.monotonic() + 5
+    while len(server.usage_log) < calls and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return server.usage_log

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Clock
 
 import quotaguard as qg
 
@@ -20,16 +21,6 @@ UTC = dt.timezone.utc
 CST = dt.timezone(dt.timedelta(hours=8), "CST")
 START = dt.datetime(2026, 1, 10, 10, 0, tzinfo=CST)
 MODEL = "qwen-max"
-
-
-class Clock:
-    """A clock the test moves by hand: ``QuotaGuard(clock=clock)`` calls it."""
-
-    def __init__(self, start: dt.datetime = START) -> None:
-        self.now = start
-
-    def __call__(self) -> dt.datetime:
-        return self.now
 
 
 class Inbox:
@@ -53,7 +44,7 @@ class Inbox:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(START)
 
 
 @pytest.fixture(params=["memory", "sqlite"])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Clock
 
 import quotaguard as qg
 
@@ -30,23 +31,9 @@ INT_FIELDS = (
 )
 
 
-class Clock:
-    """A clock the test moves by hand: ``QuotaGuard(clock=clock)`` calls it."""
-
-    def __init__(self, start: dt.datetime = START) -> None:
-        self.now = start
-
-    def __call__(self) -> dt.datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> dt.datetime:
-        self.now += dt.timedelta(**delta)
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(START)
 
 
 @pytest.fixture(params=["memory", "sqlite"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -12,6 +11,7 @@ import dashscope
 import openai
 import pytest
 import requests
+from conftest import SDK_KEY, recorded, server_usage
 
 import quotaguard
 from quotaguard.clients import GuardedOpenAI, wrap_dashscope, wrap_openai
@@ -21,7 +21,7 @@ from quotaguard.wrap import GuardedAsyncStream, GuardedStream
 
 pytestmark = pytest.mark.timeout(60)
 
-KEY = "sk-test"
+KEY = SDK_KEY
 MODEL = "qwen-plus"
 VL_MODEL = "qwen-vl-max"
 EMBEDDING_MODEL = "text-embedding-v4"
@@ -31,13 +31,6 @@ REFUSALS = [
     ("AllocationQuota.FreeTierOnly", FreeTierOnly),
     ("Arrearage", AccountOverdue),
 ]
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDashScope]:
-    with FakeDashScope(api_key=KEY) as fake:
-        monkeypatch.setattr(dashscope, "base_http_api_url", fake.native_base)
-        yield fake
 
 
 @pytest.fixture
@@ -71,18 +64,6 @@ def run_with_client(
             await test(client)
 
     asyncio.run(main())
-
-
-def recorded(guard: Any) -> list[tuple[str, int, int]]:
-    return [(r.model, r.input_tokens, r.output_tokens) for r in guard.records()]
-
-
-def server_usage(server: FakeDashScope, calls: int) -> list[tuple[str, int, int]]:
-    """The server's usage log once it holds ``calls`` entries (it logs just after answering)."""
-    deadline = time.monotonic() + 5
-    while len(server.usage_log) < calls and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return server.usage_log
 
 
 def used(guard: Any, model: str = MODEL) -> int:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import dashscope
 import pytest
+from conftest import SDK_KEY, recorded, server_usage
 
 import quotaguard
 from quotaguard.exceptions import AccountOverdue, FreeTierOnly
@@ -20,17 +20,10 @@ from quotaguard.wrap import IMAGE_TOKENS, GuardedAsyncStream, GuardedStream, wra
 
 pytestmark = pytest.mark.timeout(60)
 
-KEY = "sk-test"
+KEY = SDK_KEY
 MODEL = "qwen-plus"
 FREE = 1_000_000
 MESSAGES = [{"role": "user", "content": "Say hello to the quota guard."}]
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDashScope]:
-    with FakeDashScope(api_key=KEY) as fake:
-        monkeypatch.setattr(dashscope, "base_http_api_url", fake.native_base)
-        yield fake
 
 
 @pytest.fixture
@@ -39,18 +32,6 @@ def guard() -> Iterator[Any]:
     guard.grant(MODEL, tokens=FREE)
     yield guard
     assert guard.quota(MODEL).reserved == 0, "a reservation leaked"
-
-
-def recorded(guard: Any) -> list[tuple[str, int, int]]:
-    return [(r.model, r.input_tokens, r.output_tokens) for r in guard.records()]
-
-
-def server_usage(server: FakeDashScope, calls: int) -> list[tuple[str, int, int]]:
-    """The server's usage log once it holds ``calls`` entries (it logs just after answering)."""
-    deadline = time.monotonic() + 5
-    while len(server.usage_log) < calls and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return server.usage_log
 
 
 def bound(guard: Any, messages: list[dict[str, Any]] = MESSAGES) -> int:
