@@ -386,10 +386,13 @@ def test_parquet_export_round_trips(varied: qg.QuotaGuard, tmp_path: Path) -> No
 
 
 def test_to_pandas(varied: qg.QuotaGuard) -> None:
-    pytest.importorskip("pandas")
+    pd = pytest.importorskip("pandas")
     df = varied.to_pandas(model=MODEL)
     assert len(df) == 2
-    assert list(df["request_id"]) == ["req-1", None]
+    assert list(df.columns) == list(qg.record_to_dict(varied.records()[0]))
+    assert df["request_id"].iloc[0] == "req-1"
+    assert pd.isna(df["request_id"].iloc[1])  # missing, however this pandas spells it
+    assert list(df["cost"]) == [r.cost for r in varied.records(model=MODEL)]
 
 
 @pytest.mark.parametrize("name", ["records.txt", "records", "records.csv.gz"])

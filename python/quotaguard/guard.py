@@ -228,8 +228,8 @@ class QuotaGuard(_core.QuotaGuard):
                     f.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
         elif suffix == ".parquet":
             try:
-                import pyarrow as pa  # type: ignore[import-not-found,unused-ignore]
-                import pyarrow.parquet as pq  # type: ignore[import-not-found,unused-ignore]
+                import pyarrow as pa  # type: ignore[import-not-found,import-untyped,unused-ignore]
+                import pyarrow.parquet as pq  # type: ignore[import-not-found,import-untyped,unused-ignore]
             except ImportError as e:
                 raise ImportError("writing Parquet needs pyarrow: pip install pyarrow") from e
             table = pa.Table.from_pylist([{k: _plain(v) for k, v in r.items()} for r in rows])
@@ -243,7 +243,7 @@ class QuotaGuard(_core.QuotaGuard):
     def to_pandas(self, **filters: Any) -> Any:
         """Records as a ``pandas.DataFrame`` (needs pandas)."""
         try:
-            import pandas as pd  # type: ignore[import-untyped,unused-ignore]
+            import pandas as pd  # type: ignore[import-not-found,import-untyped,unused-ignore]
         except ImportError as e:
             raise ImportError("to_pandas() needs pandas: pip install pandas") from e
         return pd.DataFrame(
