@@ -25,6 +25,11 @@ fn shown(obj: &Bound<'_, PyAny>) -> String {
 
 /// A token count: a non-negative int no larger than one call can use.
 pub fn tokens(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
+    if obj.is_exact_instance_of::<PyInt>() {
+        if let Ok(n) = obj.extract::<i64>() {
+            return check_tokens(what, n.into()).map_err(|e| PyQuotaError(e).into());
+        }
+    }
     if obj.is_instance_of::<PyBool>() {
         return Err(type_error(format!(
             "{what} must be an int, not bool {}",
@@ -32,8 +37,9 @@ pub fn tokens(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
         )));
     }
     if obj.is_instance_of::<PyInt>() {
-        let n: i128 = match obj.extract() {
-            Ok(n) => n,
+        // i64 first: the common case, and a direct C call even under abi3.
+        let n: i128 = match obj.extract::<i64>() {
+            Ok(n) => n.into(),
             Err(_) => {
                 return Err(PyValueError::new_err(format!(
                     "{what} {} is too large (at most 1,000,000,000 per call)",

@@ -1,5 +1,7 @@
 //! `memory://`: a ledger private to one guard, held in this process.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use chrono::NaiveDate;
 use parking_lot::Mutex;
@@ -21,9 +23,19 @@ struct State {
     next_reservation: i64,
     records: Vec<UsageRecord>,
     next_record: i64,
-    daily: BTreeMap<(String, NaiveDate, String, Kind), DailyRow>,
-    hourly: BTreeMap<(String, String, i64), HourRow>,
+    /// account -> model -> (day, kind) -> totals
+    daily: HashMap<String, HashMap<String, BTreeMap<(NaiveDate, Kind), DailyRow>>>,
+    /// account -> model -> hour -> statistics
+    hourly: HashMap<String, HashMap<String, BTreeMap<i64, HourRow>>>,
     alerts: HashMap<(String, String), i64>,
+}
+
+/// The entry for `key`, allocating the key only when it is new.
+fn slot<'a, V: Default>(map: &'a mut HashMap<String, V>, key: &str) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 pub struct Memory {
@@ -61,6 +73,11 @@ impl Tx for State {
     }
 
     fn put_quota(&mut self, account: &str, model: &str, q: &QuotaRow) -> Result<()> {
+        // The hot path updates a row that exists: no key to allocate.
+        if let Some(row) = self.quotas.get_mut(account).and_then(|m| m.get_mut(model)) {
+            *row = *q;
+            return Ok(());
+        }
         self.quotas
             .entry(account.to_string())
             .or_default()
@@ -131,9 +148,8 @@ impl Tx for State {
         self.next_record += 1;
         r.id = self.next_record;
         let day = cst_day(r.time_ms);
-        let d = self
-            .daily
-            .entry((r.account.clone(), day, r.model.clone(), r.kind))
+        let d = slot(slot(&mut self.daily, &r.account), &r.model)
+            .entry((day, r.kind))
             .or_insert_with(|| DailyRow {
                 day,
                 model: r.model.clone(),
@@ -168,9 +184,8 @@ impl Tx for State {
         hour_ms: i64,
         d: &StatsDelta,
     ) -> Result<()> {
-        let h = self
-            .hourly
-            .entry((account.to_string(), model.to_string(), hour_ms))
+        let h = slot(slot(&mut self.hourly, account), model)
+            .entry(hour_ms)
             .or_insert_with(|| HourRow {
                 hour_ms,
                 model: model.to_string(),
@@ -194,10 +209,13 @@ impl Tx for State {
     }
 
     fn day_cost(&mut self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i128> {
-        Ok(self
-            .daily
+        let Some(models) = self.daily.get(account) else {
+            return Ok(0);
+        };
+        Ok(models
             .iter()
-            .filter(|((a, d, m, _), _)| a == account && *d == day && model.is_none_or(|x| x == m))
+            .filter(|(m, _)| model.is_none_or(|x| x == m.as_str()))
+            .flat_map(|(_, days)| days.range((day, Kind::Realtime)..=(day, Kind::Custom)))
             .map(|(_, row)| row.cost)
             .sum())
     }
@@ -211,12 +229,16 @@ impl Tx for State {
     }
 
     fn daily(&mut self, account: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<DailyRow>> {
-        Ok(self
+        let mut rows: Vec<DailyRow> = self
             .daily
-            .iter()
-            .filter(|((a, d, _, _), _)| a == account && *d >= from && *d < to)
+            .get(account)
+            .into_iter()
+            .flat_map(|models| models.values())
+            .flat_map(|days| days.range((from, Kind::Realtime)..(to, Kind::Realtime)))
             .map(|(_, row)| row.clone())
-            .collect())
+            .collect();
+        rows.sort_by(|a, b| (a.day, &a.model, a.kind).cmp(&(b.day, &b.model, b.kind)));
+        Ok(rows)
     }
 
     fn hourly(
@@ -225,14 +247,14 @@ impl Tx for State {
         model: Option<&str>,
         since_ms: Option<i64>,
     ) -> Result<Vec<HourRow>> {
+        let since = since_ms.map_or(i64::MIN, super::super::clock::hour_start);
         let mut rows: Vec<HourRow> = self
             .hourly
-            .iter()
-            .filter(|((a, m, h), _)| {
-                a == account
-                    && model.is_none_or(|x| x == m)
-                    && since_ms.is_none_or(|s| *h >= super::super::clock::hour_start(s))
-            })
+            .get(account)
+            .into_iter()
+            .flat_map(|models| models.iter())
+            .filter(|(m, _)| model.is_none_or(|x| x == m.as_str()))
+            .flat_map(|(_, hours)| hours.range(since..))
             .map(|(_, row)| row.clone())
             .collect();
         rows.sort_by(|a, b| (a.hour_ms, &a.model).cmp(&(b.hour_ms, &b.model)));
