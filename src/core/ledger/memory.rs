@@ -15,6 +15,9 @@ use crate::core::error::Result;
 use crate::core::quota::QuotaRow;
 use crate::core::rules::{CostType, Kind};
 
+/// account -> model -> `T`
+type PerModel<T> = HashMap<String, HashMap<String, T>>;
+
 #[derive(Default)]
 struct State {
     quotas: HashMap<String, BTreeMap<String, QuotaRow>>,
@@ -24,9 +27,9 @@ struct State {
     records: Vec<UsageRecord>,
     next_record: i64,
     /// account -> model -> (day, kind) -> totals
-    daily: HashMap<String, HashMap<String, BTreeMap<(NaiveDate, Kind), DailyRow>>>,
+    daily: PerModel<BTreeMap<(NaiveDate, Kind), DailyRow>>,
     /// account -> model -> hour -> statistics
-    hourly: HashMap<String, HashMap<String, BTreeMap<i64, HourRow>>>,
+    hourly: PerModel<BTreeMap<i64, HourRow>>,
     alerts: HashMap<(String, String), i64>,
 }
 
