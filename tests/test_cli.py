@@ -508,3 +508,25 @@ def test_demo_subprocess(tmp_path: Path, isolated_home: Path, extra: list[str]) 
     assert "Traceback" not in proc.stderr
     check_demo_output(proc.stdout)
     assert not (isolated_home / ".quotaguard").exists()
+
+
+def test_demo_runs_without_any_qwen_vocabulary(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fresh `pip install .` has neither tiktoken nor dashscope: the demo still runs."""
+    import quotaguard.testing as testing
+    from quotaguard import _core
+
+    path = _core.vocabulary_path()
+    monkeypatch.setattr(testing, "_load_qwen_counter", lambda: None)
+    monkeypatch.setattr(testing, "_counter", None)
+    _core.set_vocabulary(None)
+    try:
+        assert main(["demo", "--no-openai", "--delay", "0"]) == 0
+        with testing.FakeDashScope() as server:
+            assert server.token_counter_name == "utf8-bytes"
+    finally:
+        _core.set_vocabulary(path)
+        testing._counter = None
+    out = capsys.readouterr().out
+    assert "AllocationQuota.FreeTierOnly" in out

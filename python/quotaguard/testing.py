@@ -362,7 +362,8 @@ def _load_core_counter() -> _TokenCounter | None:
     except Exception:  # the compiled module may be absent or the package half-built
         return None
     counter = getattr(core, "count_tokens", None)
-    if not callable(counter):
+    # The core counts only with the Qwen vocabulary at hand; without it, it says None.
+    if not callable(counter) or counter("") is None:
         return None
 
     def count(text: str) -> int:
