@@ -127,11 +127,6 @@ pub fn admit(
     }
 }
 
-/// Does R6 refuse chargeable calls to this model (so an overrun must report it used up)?
-pub fn refuses_chargeable(quota: Option<&QuotaRow>, policy: Policy) -> bool {
-    !policy.verified || quota.is_some_and(|q| q.free_only)
-}
-
 /// How a settled call's tokens divide between free quota and the bill (R6: input first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Split {
