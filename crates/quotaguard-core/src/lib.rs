@@ -1,4 +1,5 @@
-//! The pure-Rust heart of quotaguard: no Python anywhere below this module.
+//! The pure-Rust heart of quotaguard. This crate has no Python in it: the
+//! extension crate at the repository root adapts it to Python.
 //!
 //! A request flows one way: the caller asks [`guard::Guard::reserve`], the
 //! rules ([`rules`]) decide inside the ledger's atomic step ([`ledger`]), the

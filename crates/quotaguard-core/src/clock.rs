@@ -2,7 +2,7 @@
 //! in China Standard Time (UTC+08:00), where the platform counts them.
 use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, TimeZone, Utc};
 
-use crate::core::error::{invalid, Result};
+use crate::error::{invalid, Result};
 
 pub const HOUR_MS: i64 = 3_600_000;
 pub const DAY_MS: i64 = 24 * HOUR_MS;

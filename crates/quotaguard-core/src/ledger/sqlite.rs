@@ -15,11 +15,11 @@ use super::{
     AccountRow, Backend, DailyRow, HourRow, RecordQuery, ReservationRow, StatsDelta, Tx,
     UsageRecord, STALE_RESERVATION_MS,
 };
-use crate::core::clock::{cst_day, hour_start, system_now_ms};
-use crate::core::error::{QuotaError, Result};
-use crate::core::money::Currency;
-use crate::core::quota::QuotaRow;
-use crate::core::rules::{CostType, Kind};
+use crate::clock::{cst_day, hour_start, system_now_ms};
+use crate::error::{QuotaError, Result};
+use crate::money::Currency;
+use crate::quota::QuotaRow;
+use crate::rules::{CostType, Kind};
 
 /// The schema this build writes. Each entry of `MIGRATIONS` moves one version up.
 pub const SCHEMA_VERSION: i64 = 1;

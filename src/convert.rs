@@ -5,10 +5,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
 use rust_decimal::Decimal;
 
-use crate::bindings::errors::{type_error, PyQuotaError};
-use crate::core::clock::parse_instant;
-use crate::core::guard::check_tokens;
-use crate::core::money::from_decimal;
+use crate::errors::{type_error, PyQuotaError};
+use quotaguard_core::clock::parse_instant;
+use quotaguard_core::guard::check_tokens;
+use quotaguard_core::money::from_decimal;
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type()
@@ -99,7 +99,7 @@ pub fn amount(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
             shown(obj)
         )));
     };
-    crate::core::money::parse_amount(&text, what).map_err(|e| PyQuotaError(e).into())
+    quotaguard_core::money::parse_amount(&text, what).map_err(|e| PyQuotaError(e).into())
 }
 
 /// An instant: an aware datetime, an ISO-8601 string with an offset, or epoch seconds.

@@ -4,11 +4,11 @@ use chrono::{DateTime, Utc};
 use pyo3::prelude::*;
 use rust_decimal::Decimal;
 
-use crate::core::clock::to_utc;
-use crate::core::guard::{Bill, BillLine, QuotaView};
-use crate::core::ledger::{Alert, HourRow, UsageRecord};
-use crate::core::money::{format_amount, to_decimal, Currency};
-use crate::core::quota::format_console_figure;
+use quotaguard_core::clock::to_utc;
+use quotaguard_core::guard::{Bill, BillLine, QuotaView};
+use quotaguard_core::ledger::{Alert, HourRow, UsageRecord};
+use quotaguard_core::money::{format_amount, to_decimal, Currency};
+use quotaguard_core::quota::format_console_figure;
 
 /// A model's free quota at one moment.
 #[pyclass(frozen, module = "quotaguard", name = "Quota")]
@@ -409,7 +409,7 @@ impl PyAlert {
     }
     fn __str__(&self) -> String {
         match self.0.kind {
-            crate::core::rules::AlertKind::DailySpend => format!(
+            quotaguard_core::rules::AlertKind::DailySpend => format!(
                 "daily spend alert: bill of {} for {} was {} {}, above {} {}",
                 self.0.model.as_deref().unwrap_or("the account"),
                 self.0.day.map(|d| d.to_string()).unwrap_or_default(),

@@ -2,7 +2,7 @@
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::core::error::{QuotaError, RefusalReason};
+use quotaguard_core::error::{QuotaError, RefusalReason};
 
 pyo3::import_exception!(quotaguard.exceptions, QuotaGuardError);
 pyo3::import_exception!(quotaguard.exceptions, FreeTierOnly);

@@ -5,14 +5,14 @@
 //! so a server-side implementation (a Redis script) can run it whole. The local
 //! backends ([`memory`], [`sqlite`]) share one implementation of the steps,
 //! [`Local`], written against [`Tx`]: the reads and writes one step needs. The
-//! decisions themselves come from [`crate::core::rules`].
+//! decisions themselves come from [`crate::rules`].
 use chrono::NaiveDate;
 
-use crate::core::clock::{cst_day, cst_day_start, hour_start, system_now_ms, DAY_MS};
-use crate::core::error::{QuotaError, Refusal, Result};
-use crate::core::money::{Billable, Currency, PriceTable};
-use crate::core::quota::QuotaRow;
-use crate::core::rules::{self, Admission, AlertKind, CostType, Kind, Policy};
+use crate::clock::{cst_day, cst_day_start, hour_start, system_now_ms, DAY_MS};
+use crate::error::{QuotaError, Refusal, Result};
+use crate::money::{Billable, Currency, PriceTable};
+use crate::quota::QuotaRow;
+use crate::rules::{self, Admission, AlertKind, CostType, Kind, Policy};
 
 pub mod memory;
 pub mod sqlite;
@@ -530,7 +530,7 @@ impl<B: Backend> Ledger for Local<B> {
                     total,
                     used: total - remaining,
                     activated_ms: now_ms,
-                    valid_days: crate::core::quota::CUTOVER_DAYS,
+                    valid_days: crate::quota::CUTOVER_DAYS,
                     free_only: false,
                     configured: false,
                 },
@@ -542,7 +542,7 @@ impl<B: Backend> Ledger for Local<B> {
                     total: 0,
                     used: 0,
                     activated_ms: now_ms,
-                    valid_days: crate::core::quota::CUTOVER_DAYS,
+                    valid_days: crate::quota::CUTOVER_DAYS,
                     free_only: false,
                     configured: false,
                 },

@@ -10,10 +10,10 @@ use super::{
     AccountRow, Backend, DailyRow, HourRow, RecordQuery, ReservationRow, StatsDelta, Tx,
     UsageRecord,
 };
-use crate::core::clock::cst_day;
-use crate::core::error::Result;
-use crate::core::quota::QuotaRow;
-use crate::core::rules::{CostType, Kind};
+use crate::clock::cst_day;
+use crate::error::Result;
+use crate::quota::QuotaRow;
+use crate::rules::{CostType, Kind};
 
 /// account -> model -> `T`
 type PerModel<T> = HashMap<String, HashMap<String, T>>;

@@ -1,8 +1,8 @@
 //! The same scenarios against every local backend.
 use super::*;
-use crate::core::ledger::memory::Memory;
-use crate::core::ledger::sqlite::{Sqlite, Sync};
-use crate::core::quota::CUTOVER_MS;
+use crate::ledger::memory::Memory;
+use crate::ledger::sqlite::{Sqlite, Sync};
+use crate::quota::CUTOVER_MS;
 
 const ON: Policy = Policy {
     region_has_free: true,

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::core::error::{invalid, Result};
-use crate::core::money::{per_token, Currency, PriceTable, Tier};
+use crate::error::{invalid, Result};
+use crate::money::{per_token, Currency, PriceTable, Tier};
 
 const BUNDLED: &str = include_str!("data/catalog.toml");
 

@@ -8,19 +8,19 @@ use std::sync::Arc;
 use chrono::NaiveDate;
 use parking_lot::Mutex;
 
-use crate::core::catalog::{check_region, Catalog, Site};
-use crate::core::clock::{parse_day, parse_month};
-use crate::core::error::{invalid, thousands, QuotaError, Refusal, Result};
-use crate::core::ledger::memory::Memory;
-use crate::core::ledger::sqlite::{self, Sqlite};
-use crate::core::ledger::{
+use crate::catalog::{check_region, Catalog, Site};
+use crate::clock::{parse_day, parse_month};
+use crate::error::{invalid, thousands, QuotaError, Refusal, Result};
+use crate::ledger::memory::Memory;
+use crate::ledger::sqlite::{self, Sqlite};
+use crate::ledger::{
     AccountOp, AccountRow, Alert, FreeOnlyTarget, GrantArgs, HourRow, Ledger, Local, Reconcile,
     RecordQuery, Release, ReservationRow, ReserveArgs, SettleArgs, SettleOutcome, SpendRule,
     UsageRecord,
 };
-use crate::core::money::{Billable, Currency, PriceTable};
-use crate::core::quota::{format_console_figure, parse_console_figure, validity_days, QuotaRow};
-use crate::core::rules::{self, Kind, Policy};
+use crate::money::{Billable, Currency, PriceTable};
+use crate::quota::{format_console_figure, parse_console_figure, validity_days, QuotaRow};
+use crate::rules::{self, Kind, Policy};
 
 /// The largest token count quotaguard accepts for one call.
 pub const MAX_TOKENS: u64 = 1_000_000_000;
@@ -518,9 +518,9 @@ impl Guard {
                             b.name
                                 .as_deref()
                                 .map_or_else(|| format!("#{id}"), |n| format!("{n:?}")),
-                            crate::core::money::format_amount(cost),
+                            crate::money::format_amount(cost),
                             self.currency(),
-                            crate::core::money::format_amount(left)
+                            crate::money::format_amount(left)
                         )));
                     }
                 }
@@ -681,7 +681,7 @@ impl Guard {
         if let Some(c) = cost.filter(|c| *c < 0) {
             return Err(invalid(format!(
                 "budget cost {} must not be negative",
-                crate::core::money::to_decimal(c)
+                crate::money::to_decimal(c)
             )));
         }
         let id = self.next_budget.fetch_add(1, Ordering::Relaxed);
@@ -727,7 +727,7 @@ impl Guard {
             if a <= 0 {
                 return Err(invalid(format!(
                     "top-up amount {} must be positive",
-                    crate::core::money::to_decimal(a)
+                    crate::money::to_decimal(a)
                 )));
             }
         }
@@ -794,7 +794,7 @@ impl Guard {
         self.ledger.hourly(self.account(), model, since_ms)
     }
 
-    pub fn check_spend(&self, now_ms: i64) -> Result<Vec<crate::core::ledger::Alert>> {
+    pub fn check_spend(&self, now_ms: i64) -> Result<Vec<crate::ledger::Alert>> {
         let rules_ = self.spend_rules();
         self.ledger.check_spend(self.account(), &rules_, now_ms)
     }

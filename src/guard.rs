@@ -11,19 +11,19 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping, PySequence, PyString};
 use rust_decimal::Decimal;
 
-use crate::bindings::convert::{amount, instant, opt_instant, opt_tokens, tokens};
-use crate::bindings::errors::{type_error, LeaseExpiredWarning, PyQuotaError, QuotaGuardError};
-use crate::bindings::types::{PyAlert, PyBill, PyHourStats, PyQuota, PyUsageRecord};
-use crate::core::catalog::{Catalog, Site};
-use crate::core::clock::{cst_day, month_of, system_now_ms};
-use crate::core::error::Result as QResult;
-use crate::core::guard::{
+use crate::convert::{amount, instant, opt_instant, opt_tokens, tokens};
+use crate::errors::{type_error, LeaseExpiredWarning, PyQuotaError, QuotaGuardError};
+use crate::types::{PyAlert, PyBill, PyHourStats, PyQuota, PyUsageRecord};
+use quotaguard_core::catalog::{Catalog, Site};
+use quotaguard_core::clock::{cst_day, month_of, system_now_ms};
+use quotaguard_core::error::Result as QResult;
+use quotaguard_core::guard::{
     default_ledger_path, open_ledger, BudgetHold, Config, FreeOnlyModels, Guard, LedgerUrl,
 };
-use crate::core::ledger::{AccountOp, Alert, RecordQuery, ReservationRow, SpendRule};
-use crate::core::money::to_decimal;
-use crate::core::rules::{CostType, Kind};
-use crate::core::tokens::{self, ChatMessage, Vocabulary};
+use quotaguard_core::ledger::{AccountOp, Alert, RecordQuery, ReservationRow, SpendRule};
+use quotaguard_core::money::to_decimal;
+use quotaguard_core::rules::{CostType, Kind};
+use quotaguard_core::tokens::{self, ChatMessage, Vocabulary};
 
 static BUNDLED: OnceLock<Arc<Catalog>> = OnceLock::new();
 
@@ -271,7 +271,7 @@ impl PyQuotaGuard {
                     (
                         LedgerUrl::Sqlite {
                             path,
-                            sync: crate::core::ledger::sqlite::Sync::Normal,
+                            sync: quotaguard_core::ledger::sqlite::Sync::Normal,
                         },
                         dir,
                     )
@@ -333,7 +333,7 @@ impl PyQuotaGuard {
 
     /// The current time as the guard sees it (its clock), an aware UTC datetime.
     fn now(&self, py: Python<'_>) -> PyResult<chrono::DateTime<chrono::Utc>> {
-        Ok(crate::core::clock::to_utc(self.now_ms(py)?))
+        Ok(quotaguard_core::clock::to_utc(self.now_ms(py)?))
     }
 
     // ---- quota ----
@@ -934,7 +934,7 @@ impl PyReservation {
     }
     #[getter]
     fn expires_at(&self) -> chrono::DateTime<chrono::Utc> {
-        crate::core::clock::to_utc(self.row.expires_ms)
+        quotaguard_core::clock::to_utc(self.row.expires_ms)
     }
     #[getter]
     fn done(&self) -> bool {

@@ -1,7 +1,7 @@
 //! The decisions of SPEC R2..R10 as pure functions of (state, request, now).
 //! Ledgers call these inside their atomic step; nothing here does I/O.
-use crate::core::error::{QuotaError, Refusal, RefusalReason, Result};
-use crate::core::quota::QuotaRow;
+use crate::error::{QuotaError, Refusal, RefusalReason, Result};
+use crate::quota::QuotaRow;
 
 /// The kind of invocation (R4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -262,7 +262,7 @@ pub fn quota_alerts(total: u64, left: u64, threshold_ppm: Option<u32>) -> Vec<Al
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::quota::{QuotaRow, CUTOVER_MS};
+    use crate::quota::{QuotaRow, CUTOVER_MS};
 
     const ON: Policy = Policy {
         region_has_free: true,

@@ -1,6 +1,6 @@
 //! A model's free quota: grants and validity (R3), the console figure (R12).
-use crate::core::clock::DAY_MS;
-use crate::core::error::{invalid, thousands, Result};
+use crate::clock::DAY_MS;
+use crate::error::{invalid, thousands, Result};
 
 /// 2025-09-08 11:00 CST (03:00 UTC): quota activated from then on is valid 90 days.
 pub const CUTOVER_MS: i64 = 1_757_300_400_000;
@@ -91,7 +91,7 @@ pub fn format_console_figure(remaining: u64, total: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::clock::parse_instant;
+    use crate::clock::parse_instant;
 
     #[test]
     fn cutover_instant_is_11_cst() {

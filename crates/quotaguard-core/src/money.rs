@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
-use crate::core::error::{invalid, QuotaError, Result};
+use crate::error::{invalid, QuotaError, Result};
 
 /// Pico-units in one unit of currency.
 pub const PICO: i64 = 1_000_000_000_000;
