@@ -111,3 +111,70 @@ def server_usage(server: FakeDashScope, calls: int) -> list[tuple[str, int, int]
     while len(server.usage_log) < calls and time.monotonic() < deadline:
         time.sleep(0.005)
     return server.usage_log
+
+
+# ---- Redis servers, for the Redis ledger tests --------------------------------------
+# A missing redis-server skips these tests with the reason, except under CI or with
+# QUOTAGUARD_REQUIRE_REDIS=1, where it is an error (see redis_harness).
+
+from redis_harness import RedisCluster, RedisServer, flush  # noqa: E402
+
+
+@pytest.fixture
+def redis_spill_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private ``$QUOTAGUARD_SPILL_DIR`` (not created yet): a settle that cannot reach
+    Redis spills here, never into the user's ``~/.quotaguard``."""
+    spill = tmp_path / "spill"
+    monkeypatch.setenv("QUOTAGUARD_SPILL_DIR", str(spill))
+    return spill
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A standalone Redis for the session: ``$QUOTAGUARD_TEST_REDIS``, else a server started
+    here (append-only file on). Tests take ``redis_ledger``, which empties it first."""
+    import os
+
+    given = os.environ.get("QUOTAGUARD_TEST_REDIS")
+    if given:
+        yield given
+        return
+    with RedisServer(appendonly=True) as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_ledger(redis_url: str, redis_spill_dir: Path) -> str:
+    """``redis_url`` after ``FLUSHDB``: a ledger URL with nothing in it."""
+    flush(redis_url)
+    return redis_url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A 3-master Redis Cluster for the session: ``$QUOTAGUARD_TEST_REDIS_CLUSTER``, else
+    one started here. Tests take ``redis_cluster_ledger``, which empties it first."""
+    import os
+
+    given = os.environ.get("QUOTAGUARD_TEST_REDIS_CLUSTER")
+    if given:
+        yield given
+        return
+    with RedisCluster() as cluster:
+        yield cluster.url
+
+
+@pytest.fixture
+def redis_cluster_ledger(redis_cluster_url: str, redis_spill_dir: Path) -> str:
+    """``redis_cluster_url`` with every master flushed: a ledger URL with nothing in it."""
+    flush(redis_cluster_url)
+    return redis_cluster_url
+
+
+@pytest.fixture
+def own_redis(redis_spill_dir: Path) -> Iterator[RedisServer]:
+    """A private Redis server (append-only file on, fsynced before each reply) that the
+    test may stop, kill and restart: ``own_redis.url``, ``.stop()``, ``.kill()``,
+    ``.restart()``."""
+    with RedisServer(appendonly=True) as server:
+        yield server
