@@ -296,6 +296,11 @@ class Trips:
 
 def redis_rows(url: str, seconds: float) -> tuple[list[Row], list[Trips]]:
     account = f"bench-{uuid.uuid4().hex[:12]}"  # never another user's data
+    # What the Redis ledger keeps locally for this throwaway account (the epoch it saw)
+    # goes to a temporary directory, not ~/.quotaguard.
+    spill = tempfile.TemporaryDirectory(prefix="quotaguard-bench-spill-")
+    saved = os.environ.get("QUOTAGUARD_SPILL_DIR")
+    os.environ["QUOTAGUARD_SPILL_DIR"] = spill.name
     try:
         n, t = rate(loop_for("floor", url, account), seconds)
         floor_1 = n / t
@@ -307,6 +312,11 @@ def redis_rows(url: str, seconds: float) -> tuple[list[Row], list[Trips]]:
         redis_trips = round_trips("pair", url, account)
     finally:
         forget(url, account)
+        if saved is None:
+            del os.environ["QUOTAGUARD_SPILL_DIR"]
+        else:
+            os.environ["QUOTAGUARD_SPILL_DIR"] = saved
+        spill.cleanup()
     target = f">= {REDIS_MIN_FLOOR_RATIO:g}x floor"
     rows = [
         Row("redis floor (2 EVALSHA), 1 process", floor_1, floor_1, "baseline", None),
