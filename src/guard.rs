@@ -16,40 +16,27 @@ use crate::errors::{type_error, LeaseExpiredWarning, PyQuotaError, QuotaGuardErr
 use crate::types::{PyAlert, PyBill, PyHourStats, PyQuota, PyUsageRecord};
 use quotaguard_core::catalog::{Catalog, Site};
 use quotaguard_core::clock::{cst_day, month_of, system_now_ms};
+use quotaguard_core::config;
 use quotaguard_core::error::Result as QResult;
-use quotaguard_core::guard::{
-    default_ledger_path, open_ledger, BudgetHold, Config, FreeOnlyModels, Guard, LedgerUrl,
+use quotaguard_core::guard::{BudgetHold, Config, FreeOnlyTarget, Guard};
+use quotaguard_core::ledger::{
+    self, AccountOp, Alert, Now, RecordQuery, ReservationRow, SpendRule,
 };
-use quotaguard_core::ledger::{AccountOp, Alert, RecordQuery, ReservationRow, SpendRule};
 use quotaguard_core::money::to_decimal;
 use quotaguard_core::rules::{CostType, Kind};
 use quotaguard_core::tokens::{self, ChatMessage, Vocabulary};
 
 static BUNDLED: OnceLock<Arc<Catalog>> = OnceLock::new();
 
-/// The Qwen vocabulary: where it is, and once loaded, the vocabulary itself.
-static VOCAB: Mutex<(Option<PathBuf>, Option<Arc<Vocabulary>>)> = Mutex::new((None, None));
-
+/// The Qwen vocabulary, loaded on first use with the interpreter detached.
 fn vocabulary(py: Python<'_>) -> Option<Arc<Vocabulary>> {
-    let path = {
-        let v = VOCAB.lock();
-        if let Some(loaded) = &v.1 {
-            return Some(loaded.clone());
-        }
-        v.0.clone()?
-    };
-    let loaded = py.detach(|| tokens::cached_vocabulary(&path).ok())?;
-    let mut v = VOCAB.lock();
-    if v.0.as_deref() == Some(path.as_path()) {
-        v.1 = Some(loaded.clone());
-    }
-    Some(loaded)
+    py.detach(tokens::vocabulary)
 }
 
 /// Points the input bound at a `qwen.tiktoken` vocabulary file (loaded on first use).
 #[pyfunction]
 pub fn set_vocabulary(path: Option<PathBuf>) {
-    *VOCAB.lock() = (path, None);
+    tokens::set_vocabulary_path(path);
 }
 
 /// The exact Qwen token count of `text`, or `None` without the vocabulary.
@@ -66,7 +53,7 @@ pub fn count_tokens(py: Python<'_>, text: &str) -> Option<u64> {
 /// The path of the vocabulary the input bound uses, if any.
 #[pyfunction]
 pub fn vocabulary_path() -> Option<PathBuf> {
-    VOCAB.lock().0.clone()
+    tokens::vocabulary_path()
 }
 
 fn q<T>(r: QResult<T>) -> PyResult<T> {
@@ -85,10 +72,12 @@ pub struct PyQuotaGuard {
 }
 
 impl PyQuotaGuard {
-    fn now_ms(&self, py: Python<'_>) -> PyResult<i64> {
+    /// Now: the test clock's reading, or the system clock's (which a ledger with a
+    /// clock of its own, a Redis server, may replace with its own).
+    fn now_ms(&self, py: Python<'_>) -> PyResult<Now> {
         match &self.clock {
-            None => Ok(system_now_ms()),
-            Some(c) => instant(&c.bind(py).call0()?, "clock()"),
+            None => Ok(Now::System(system_now_ms())),
+            Some(c) => Ok(Now::Caller(instant(&c.bind(py).call0()?, "clock()")?)),
         }
     }
 
@@ -236,11 +225,6 @@ impl PyQuotaGuard {
         lease_seconds: f64,
         clock: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
-        if !lease_seconds.is_finite() || lease_seconds <= 0.0 {
-            return Err(PyValueError::new_err(format!(
-                "lease_seconds {lease_seconds} must be a positive number"
-            )));
-        }
         let config = Config {
             account: account.to_string(),
             user: user.to_string(),
@@ -248,39 +232,23 @@ impl PyQuotaGuard {
             region: region.to_string(),
             site: q(Site::parse(site))?,
             verified,
-            lease_ms: (lease_seconds * 1000.0).round() as i64,
+            lease_ms: q(config::lease_ms(lease_seconds))?,
         };
         q(config.validate())?;
         let catalog = match catalog {
             None => BUNDLED.get_or_init(|| Arc::new(Catalog::bundled())).clone(),
             Some(p) => Arc::new(q(Catalog::with_overrides(&p))?),
         };
-        let (url, default_dir) = match ledger_arg(ledger)? {
-            Some(u) => (q(LedgerUrl::parse(&u))?, None),
-            None => match std::env::var("QUOTAGUARD_LEDGER")
-                .ok()
-                .filter(|v| !v.is_empty())
-            {
-                Some(u) => (q(LedgerUrl::parse(&u))?, None),
-                None => {
-                    let home = std::env::var_os("HOME").map(PathBuf::from).ok_or_else(|| {
-                        PyValueError::new_err("no ledger given, no $QUOTAGUARD_LEDGER and no $HOME")
-                    })?;
-                    let path = default_ledger_path(&home);
-                    let dir = path.parent().map(PathBuf::from);
-                    (
-                        LedgerUrl::Sqlite {
-                            path,
-                            sync: quotaguard_core::ledger::sqlite::Sync::Normal,
-                        },
-                        dir,
-                    )
-                }
-            },
-        };
-        let blocking = !matches!(url, LedgerUrl::Memory);
-        let opened = py.detach(|| open_ledger(&url, default_dir.as_deref()));
-        let guard = q(opened.and_then(|l| Guard::new(config, l, catalog)))?;
+        let given = ledger_arg(ledger)?;
+        let (url, default_dir) = q(config::resolve_ledger(given.as_deref()))?;
+        let blocking = !matches!(url, config::LedgerUrl::Memory);
+        let opened = py.detach(|| {
+            let g = Guard::new(config, ledger::open(&url, default_dir.as_deref())?, catalog)?;
+            // Settles a crash or an outage left half-way are completed before the first call.
+            g.recover()?;
+            Ok(g)
+        });
+        let guard = q(opened)?;
         Ok(Self {
             inner: Arc::new(guard),
             clock,
@@ -295,7 +263,7 @@ impl PyQuotaGuard {
     /// Where the ledger lives (a path or URL without secrets).
     #[getter]
     fn ledger(&self) -> String {
-        LedgerUrl::redacted(self.inner.ledger_name())
+        config::redacted(self.inner.ledger_name())
     }
     #[getter]
     fn account(&self) -> &str {
@@ -333,7 +301,7 @@ impl PyQuotaGuard {
 
     /// The current time as the guard sees it (its clock), an aware UTC datetime.
     fn now(&self, py: Python<'_>) -> PyResult<chrono::DateTime<chrono::Utc>> {
-        Ok(quotaguard_core::clock::to_utc(self.now_ms(py)?))
+        Ok(quotaguard_core::clock::to_utc(self.now_ms(py)?.ms()))
     }
 
     // ---- quota ----
@@ -389,9 +357,9 @@ impl PyQuotaGuard {
     ) -> PyResult<Vec<String>> {
         let target = if let Ok(s) = models.extract::<String>() {
             if s == "all" {
-                FreeOnlyModels::All
+                FreeOnlyTarget::AllEligible
             } else {
-                FreeOnlyModels::Some(vec![s])
+                FreeOnlyTarget::Models(vec![s])
             }
         } else if let Ok(seq) = models.cast::<PySequence>() {
             let mut v = Vec::new();
@@ -404,7 +372,7 @@ impl PyQuotaGuard {
                     ))
                 })?);
             }
-            FreeOnlyModels::Some(v)
+            FreeOnlyTarget::Models(v)
         } else {
             return Err(type_error(
                 "models must be a model name, a list of names, or \"all\"",
@@ -511,14 +479,16 @@ impl PyQuotaGuard {
         Ok(n + extra)
     }
 
-    /// R8/R9: hold the worst case of a call before sending it.
-    #[pyo3(signature = (model, input_tokens, max_output_tokens, kind="realtime"))]
+    /// R8/R9: hold the worst case of a call before sending it. `thinking`: the call
+    /// runs in thinking mode, so its output is priced (and settled) as reasoning.
+    #[pyo3(signature = (model, input_tokens, max_output_tokens, kind="realtime", *, thinking=false))]
     fn reserve(
         slf: &Bound<'_, Self>,
         model: &str,
         input_tokens: &Bound<'_, PyAny>,
         max_output_tokens: &Bound<'_, PyAny>,
         kind: &str,
+        thinking: bool,
     ) -> PyResult<PyReservation> {
         let py = slf.py();
         let me = slf.get();
@@ -526,7 +496,9 @@ impl PyQuotaGuard {
         let max_out = tokens(max_output_tokens, "max_output_tokens")?;
         let kind = q(Kind::parse(kind))?;
         let now = me.now_ms(py)?;
-        let (row, hold) = me.run(py, |g| g.reserve(model, input, max_out, kind, now))?;
+        let (row, hold) = me.run(py, |g| {
+            g.reserve(model, input, max_out, kind, thinking, now)
+        })?;
         Ok(PyReservation {
             guard: slf.clone().unbind(),
             row,
@@ -593,12 +565,7 @@ impl PyQuotaGuard {
                 let f: f64 = v.extract().map_err(|_| {
                     type_error("alert_threshold must be a number in [0, 1] or None")
                 })?;
-                if !(0.0..=1.0).contains(&f) {
-                    return Err(PyValueError::new_err(format!(
-                        "alert_threshold {f} is outside [0, 1]"
-                    )));
-                }
-                Some((f * 1_000_000.0).round() as u32)
+                Some(q(config::threshold_ppm(f))?)
             }
         };
         self.inner.set_threshold_ppm(ppm);
@@ -691,7 +658,7 @@ impl PyQuotaGuard {
             (m, None) => {
                 let m = match m {
                     Some(m) => m,
-                    None => month_of(cst_day(self.now_ms(py)?)),
+                    None => month_of(cst_day(self.now_ms(py)?.ms())),
                 };
                 self.run(py, |g| g.bill_month(&m))?
             }
@@ -842,40 +809,19 @@ impl PyReservation {
         Ok(())
     }
 
-    fn settle_inner(
+    /// Runs a settle of the core and turns its outcome into a record, its alerts and
+    /// warnings. A settle that failed recorded nothing: the reservation stays open.
+    fn settle_with(
         &self,
         py: Python<'_>,
-        input: u64,
-        output: u64,
-        cached: u64,
-        thinking: bool,
-        request_id: Option<String>,
+        settle: impl FnOnce(&Guard, Now) -> QResult<quotaguard_core::ledger::Settled> + Send,
     ) -> PyResult<PyUsageRecord> {
         self.take()?;
         let g = self.guard.get();
-        let now = match g.now_ms(py) {
-            Ok(n) => n,
-            Err(e) => {
-                self.done.store(false, Ordering::Release);
-                return Err(e);
-            }
-        };
-        let (row, hold) = (&self.row, &self.hold);
-        let out = match g.run(py, |gg| {
-            gg.settle(
-                row,
-                hold,
-                input,
-                output,
-                cached,
-                thinking,
-                request_id.as_deref(),
-                now,
-            )
-        }) {
+        let out = g.now_ms(py).and_then(|now| g.run(py, |gg| settle(gg, now)));
+        let out = match out {
             Ok(o) => o,
             Err(e) => {
-                // Nothing was recorded: the reservation is still open and may be settled again.
                 self.done.store(false, Ordering::Release);
                 return Err(e);
             }
@@ -941,8 +887,9 @@ impl PyReservation {
         self.done.load(Ordering::Acquire)
     }
 
-    /// Records the usage the service reported (R9, R11).
-    #[pyo3(signature = (input_tokens, output_tokens, request_id=None, *, cached_tokens=None, thinking=false))]
+    /// Records the usage the service reported (R9, R11). `thinking` defaults to how
+    /// the call was reserved.
+    #[pyo3(signature = (input_tokens, output_tokens, request_id=None, *, cached_tokens=None, thinking=None))]
     fn settle(
         &self,
         py: Python<'_>,
@@ -950,24 +897,32 @@ impl PyReservation {
         output_tokens: &Bound<'_, PyAny>,
         request_id: Option<String>,
         cached_tokens: Option<&Bound<'_, PyAny>>,
-        thinking: bool,
+        thinking: Option<bool>,
     ) -> PyResult<PyUsageRecord> {
         let input = tokens(input_tokens, "input_tokens")?;
         let output = tokens(output_tokens, "output_tokens")?;
         let cached = opt_tokens(cached_tokens, "cached_tokens")?.unwrap_or(0);
-        self.settle_inner(py, input, output, cached, thinking, request_id)
+        let thinking = thinking.unwrap_or(self.row.thinking);
+        let (row, hold) = (&self.row, &self.hold);
+        let rid = request_id.as_deref();
+        self.settle_with(py, |g, now| {
+            g.settle(row, hold, input, output, cached, thinking, false, rid, now)
+        })
     }
 
-    /// Settles at the worst case: for calls whose real usage never arrived.
-    fn settle_worst_case(&self, py: Python<'_>) -> PyResult<PyUsageRecord> {
-        self.settle_inner(
-            py,
-            self.row.input_tokens,
-            self.max_output_tokens,
-            0,
-            false,
-            None,
-        )
+    /// Settles at the worst case, as it was held (thinking or not): for calls whose real
+    /// usage never arrived. `in_doubt`: the request may have reached the service with an
+    /// unknown outcome (R9).
+    #[pyo3(signature = (*, in_doubt=false))]
+    fn settle_worst_case(&self, py: Python<'_>, in_doubt: bool) -> PyResult<PyUsageRecord> {
+        let (row, hold) = (&self.row, &self.hold);
+        self.settle_with(py, |g, now| g.settle_worst_case(row, hold, in_doubt, now))
+    }
+
+    /// Whether the call was reserved in thinking mode.
+    #[getter]
+    fn thinking(&self) -> bool {
+        self.row.thinking
     }
 
     /// Gives the reserved tokens back; `failed=True` counts a failed call in statistics.
@@ -1004,7 +959,7 @@ impl PyReservation {
                 Err(e) => return Err(e),
             }
         } else {
-            self.settle_worst_case(py)?;
+            self.settle_worst_case(py, false)?;
         }
         Ok(false)
     }

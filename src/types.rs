@@ -159,6 +159,12 @@ impl PyUsageRecord {
     fn cost_type(&self) -> &'static str {
         self.0.cost_type.as_str()
     }
+    /// The request may have reached the service with an unknown outcome: settled at
+    /// its worst case (R9).
+    #[getter]
+    fn in_doubt(&self) -> bool {
+        self.0.in_doubt
+    }
     fn __repr__(&self) -> String {
         let r = &self.0;
         format!(

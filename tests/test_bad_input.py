@@ -363,12 +363,25 @@ def test_ledger_of_the_wrong_type() -> None:
         qg.QuotaGuard(ledger=42)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("url", ["ftp://host/x.db", "postgres://db", "x.db?fast=yes", ""])
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://host/x.db", "postgres://db", "sqlite:///x.db?fast=yes", "x.db?synchronous=no", ""],
+)
 def test_unreadable_ledger_url(tmp_path: Path, url: str) -> None:
     with pytest.raises(ValueError) as e:
         qg.QuotaGuard(url)
     shown = url.split("?")[-1] if "?" in url else url
     assert shown in str(e.value)
+
+
+def test_a_question_mark_in_a_file_name_is_part_of_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    guard = qg.QuotaGuard("odd?name.db")
+    guard.grant("qwen-max", tokens=10)
+    assert (tmp_path / "odd?name.db").exists()
+    assert not (tmp_path / "odd").exists()
 
 
 @pytest.mark.parametrize("form", ["path", "url"])
@@ -436,7 +449,8 @@ def test_a_ledger_with_a_newer_schema(ledger_path: Path) -> None:
     assert str(ledger_path) in str(e.value)
     with sqlite3.connect(ledger_path) as c:
         assert c.execute("SELECT count(*) FROM records").fetchone() == (1,)
-        assert sorted(c.execute("SELECT version FROM schema_version")) == [(1,), (99,)]
+        versions = sorted(c.execute("SELECT version FROM schema_version"))
+        assert versions == [*((v,) for v in range(1, qg._core.SCHEMA_VERSION + 1)), (99,)]
         c.execute("DELETE FROM schema_version WHERE version = 99")
     c.close()
     assert snapshot(qg.QuotaGuard(ledger_path)) == before

@@ -66,7 +66,13 @@ class Guard(Protocol):
     """The part of ``quotaguard.QuotaGuard`` this module uses."""
 
     def reserve(
-        self, model: str, input_tokens: int, max_output_tokens: int, kind: str = "realtime"
+        self,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        kind: str = "realtime",
+        *,
+        thinking: bool = False,
     ) -> Reservation: ...
 
     def input_bound(
@@ -409,7 +415,13 @@ def _reserve(
 ) -> Reservation:
     """Reserve the worst case; with ``clip``, shrink the call's max tokens to what is left."""
     try:
-        return guard.reserve(request.model, request.input_tokens, request.max_output, kind)
+        return guard.reserve(
+            request.model,
+            request.input_tokens,
+            request.max_output,
+            kind,
+            thinking=request.thinking_tokens > 0,
+        )
     except FreeTierOnly as refused:
         if not clip or isinstance(refused, AccountOverdue):
             raise
@@ -430,7 +442,9 @@ def _reserve(
         if not done:
             raise  # the function takes no max tokens: it cannot be clipped
         out = (answer + thinking) * request.choices
-        return guard.reserve(request.model, request.input_tokens, out, kind)
+        return guard.reserve(
+            request.model, request.input_tokens, out, kind, thinking=request.thinking_tokens > 0
+        )
 
 
 # --------------------------------------------------------------------------------------

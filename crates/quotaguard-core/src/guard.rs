@@ -1,7 +1,6 @@
 //! `Guard` = rules + ledger + catalogue (+ budgets and alert settings): what the
 //! bindings call. Every method takes `now_ms` so that time is the caller's to set.
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -9,18 +8,16 @@ use chrono::NaiveDate;
 use parking_lot::Mutex;
 
 use crate::catalog::{check_region, Catalog, Site};
-use crate::clock::{parse_day, parse_month};
-use crate::error::{invalid, thousands, QuotaError, Refusal, Result};
-use crate::ledger::memory::Memory;
-use crate::ledger::sqlite::{self, Sqlite};
+use crate::clock::{cst_day, parse_day, parse_month};
+use crate::error::{invalid, thousands, QuotaError, Result};
 use crate::ledger::{
-    AccountOp, AccountRow, Alert, FreeOnlyTarget, GrantArgs, HourRow, Ledger, Local, Reconcile,
-    RecordQuery, Release, ReservationRow, ReserveArgs, SettleArgs, SettleOutcome, SpendRule,
-    UsageRecord,
+    fresh_id, marks_reached, AccountOp, AccountRow, Alert, AlertMark, Commit, GrantArgs, Hold,
+    HoldRequest, HourRow, Ledger, Now, Reconcile, RecordQuery, Release, ReservationRow, Settled,
+    SpendRule, TakeRequest, Taken, UsageRecord,
 };
 use crate::money::{Billable, Currency, PriceTable};
 use crate::quota::{format_console_figure, parse_console_figure, validity_days, QuotaRow};
-use crate::rules::{self, Kind, Policy};
+use crate::rules::{self, Admission, AlertKind, CostType, Kind, Policy};
 
 /// The largest token count quotaguard accepts for one call.
 pub const MAX_TOKENS: u64 = 1_000_000_000;
@@ -38,93 +35,6 @@ pub fn check_tokens(what: &str, n: i128) -> Result<u64> {
         )));
     }
     Ok(n as u64)
-}
-
-/// Where a guard's ledger lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LedgerUrl {
-    Memory,
-    Sqlite { path: PathBuf, sync: sqlite::Sync },
-    Redis(String),
-}
-
-impl LedgerUrl {
-    /// `memory://`, `sqlite:///abs/path.db` (`?synchronous=full`), `redis://…`, or a plain path.
-    pub fn parse(text: &str) -> Result<Self> {
-        let t = text.trim();
-        if t.is_empty() {
-            return Err(invalid("ledger \"\" is empty"));
-        }
-        if t == "memory://" || t == ":memory:" {
-            return Ok(Self::Memory);
-        }
-        if t.starts_with("redis://") || t.starts_with("rediss://") {
-            return Ok(Self::Redis(t.to_string()));
-        }
-        let (rest, query) = match t.split_once('?') {
-            Some((a, b)) => (a, Some(b)),
-            None => (t, None),
-        };
-        let sync = match query {
-            None | Some("synchronous=normal") => sqlite::Sync::Normal,
-            Some("synchronous=full") => sqlite::Sync::Full,
-            Some(q) => {
-                return Err(invalid(format!(
-                    "ledger option {q:?} is not synchronous=normal or synchronous=full"
-                )))
-            }
-        };
-        let path = if let Some(p) = rest.strip_prefix("sqlite://") {
-            if p.is_empty() {
-                return Err(invalid(format!("ledger {text:?} names no file")));
-            }
-            PathBuf::from(p)
-        } else if rest.contains("://") {
-            return Err(invalid(format!(
-                "ledger {text:?} is not memory://, sqlite:///path, redis://host:port/db or a file path"
-            )));
-        } else {
-            PathBuf::from(rest)
-        };
-        Ok(Self::Sqlite { path, sync })
-    }
-
-    /// Hides a password in a URL before it is shown anywhere.
-    pub fn redacted(url: &str) -> String {
-        match (url.find("://"), url.rfind('@')) {
-            (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-            _ => url.to_string(),
-        }
-    }
-}
-
-/// The default ledger file: `$HOME/.quotaguard/ledger.db`.
-pub fn default_ledger_path(home: &Path) -> PathBuf {
-    home.join(".quotaguard").join("ledger.db")
-}
-
-pub fn open_ledger(url: &LedgerUrl, default_dir: Option<&Path>) -> Result<Box<dyn Ledger>> {
-    match url {
-        LedgerUrl::Memory => Ok(Box::new(Local(Memory::new()))),
-        LedgerUrl::Sqlite { path, sync } => {
-            if let Some(dir) = default_dir {
-                sqlite::create_private_dir(dir).map_err(|e| QuotaError::Ledger {
-                    ledger: path.display().to_string(),
-                    message: format!(
-                        "cannot create directory {:?}: {e}",
-                        dir.display().to_string()
-                    ),
-                })?;
-            }
-            Ok(Box::new(Local(Sqlite::open(path, *sync)?)))
-        }
-        LedgerUrl::Redis(u) => Err(QuotaError::Ledger {
-            ledger: LedgerUrl::redacted(u),
-            message:
-                "the Redis ledger is not part of this build yet; use a SQLite file or memory://"
-                    .into(),
-        }),
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -147,12 +57,7 @@ impl Config {
             return Err(invalid("user \"\" is empty"));
         }
         check_region(&self.region)?;
-        if self.lease_ms <= 0 {
-            return Err(invalid(format!(
-                "lease_seconds {} must be positive",
-                self.lease_ms as f64 / 1000.0
-            )));
-        }
+        crate::config::lease_ms(self.lease_ms as f64 / 1000.0)?;
         Ok(())
     }
 
@@ -239,9 +144,11 @@ pub struct Bill {
     pub charged_models: Vec<String>,
 }
 
-pub enum FreeOnlyModels {
-    Some(Vec<String>),
-    All,
+/// Which models a Free Quota Only change names (R5).
+pub enum FreeOnlyTarget {
+    Models(Vec<String>),
+    /// Every eligible model whose switch was never set ("enable for all").
+    AllEligible,
 }
 
 pub struct Guard {
@@ -253,10 +160,8 @@ pub struct Guard {
     /// Quota alert threshold in parts per million; negative: off.
     threshold_ppm: AtomicI64,
     spend_rules: Mutex<Arc<Vec<SpendRule>>>,
-}
-
-fn refused(r: Refusal) -> QuotaError {
-    QuotaError::Refused(r)
+    /// The CST day (days since the epoch) whose spend rules this guard last evaluated.
+    spend_day: AtomicI64,
 }
 
 impl Guard {
@@ -270,6 +175,7 @@ impl Guard {
             next_budget: AtomicU64::new(1),
             threshold_ppm: AtomicI64::new(200_000),
             spend_rules: Mutex::new(Arc::new(Vec::new())),
+            spend_day: AtomicI64::new(i64::MIN),
         })
     }
 
@@ -318,6 +224,7 @@ impl Guard {
 
     pub fn set_spend_rules(&self, rules_: Vec<SpendRule>) {
         *self.spend_rules.lock() = Arc::new(rules_);
+        self.spend_day.store(i64::MIN, Ordering::Relaxed);
     }
 
     // ---- quota ----
@@ -328,7 +235,7 @@ impl Guard {
         tokens: Option<u64>,
         activated_ms: Option<i64>,
         valid_days: Option<i64>,
-        now_ms: i64,
+        now: Now,
     ) -> Result<QuotaView> {
         Self::check_model(model)?;
         let info = self.catalog.model(model);
@@ -341,7 +248,7 @@ impl Guard {
                 )))
             }
         };
-        let activated = activated_ms.unwrap_or(now_ms);
+        let activated = activated_ms.unwrap_or(now.ms());
         let catalog_days = info.map_or(self.catalog.defaults.valid_days, |i| i.valid_days);
         let days = validity_days(activated, catalog_days, valid_days)?;
         self.ledger.grant(&GrantArgs {
@@ -351,7 +258,7 @@ impl Guard {
             activated_ms: activated,
             valid_days: days,
         })?;
-        self.quota(model, now_ms)
+        self.quota(model, now)
     }
 
     fn view(&self, model: String, q: &QuotaRow, reserved: u64, now_ms: i64) -> QuotaView {
@@ -369,9 +276,10 @@ impl Guard {
     }
 
     /// A model never granted reads as a zero quota.
-    pub fn quota(&self, model: &str, now_ms: i64) -> Result<QuotaView> {
+    pub fn quota(&self, model: &str, now: Now) -> Result<QuotaView> {
         Self::check_model(model)?;
-        Ok(match self.ledger.quota(self.account(), model, now_ms)? {
+        let now_ms = now.ms();
+        Ok(match self.ledger.quota(self.account(), model, now)? {
             Some((q, r)) => self.view(model.to_string(), &q, r, now_ms),
             None => QuotaView {
                 model: model.to_string(),
@@ -387,43 +295,108 @@ impl Guard {
         })
     }
 
-    pub fn remaining(&self, model: &str, now_ms: i64) -> Result<u64> {
-        Ok(self.quota(model, now_ms)?.remaining)
+    pub fn remaining(&self, model: &str, now: Now) -> Result<u64> {
+        Ok(self.quota(model, now)?.remaining)
     }
 
-    pub fn quotas(&self, now_ms: i64) -> Result<Vec<QuotaView>> {
+    pub fn quotas(&self, now: Now) -> Result<Vec<QuotaView>> {
         Ok(self
             .ledger
-            .quotas(self.account(), now_ms)?
+            .quotas(self.account(), now)?
             .into_iter()
-            .map(|(m, q, r)| self.view(m, &q, r, now_ms))
+            .map(|(m, q, r)| self.view(m, &q, r, now.ms()))
             .collect())
     }
 
+    /// R5: decides every model first (a refused change changes nothing), then sets
+    /// the switches; returns the models changed.
     pub fn set_free_only(
         &self,
-        models: FreeOnlyModels,
+        target: FreeOnlyTarget,
         enable: bool,
-        now_ms: i64,
+        now: Now,
     ) -> Result<Vec<String>> {
-        let target_models;
-        let target = match &models {
-            FreeOnlyModels::All => {
+        let policy = self.config.policy();
+        let models = match target {
+            FreeOnlyTarget::AllEligible => {
                 if !enable {
                     return Err(invalid("\"all\" only enables: disable models by name"));
                 }
-                FreeOnlyTarget::AllEligible
+                self.ledger
+                    .quotas(self.account(), now)?
+                    .into_iter()
+                    .filter(|(_, q, _)| {
+                        // The switch looks at what is unused, as the console does.
+                        !q.configured && rules::remaining(Some(q), 0, policy, now.ms()) > 0
+                    })
+                    .map(|(m, _, _)| m)
+                    .collect()
             }
-            FreeOnlyModels::Some(list) => {
-                for m in list {
+            FreeOnlyTarget::Models(list) => {
+                for m in &list {
                     Self::check_model(m)?;
+                    let q = self.ledger.quota(self.account(), m, now)?.map(|(q, _)| q);
+                    let left = rules::remaining(q.as_ref(), 0, policy, now.ms());
+                    rules::check_free_only_change(m, enable, left)?;
+                    if q.is_none() {
+                        return Err(QuotaError::Rejected(format!(
+                            "cannot change Free Quota Only for {m:?}: it has no free quota"
+                        )));
+                    }
                 }
-                target_models = list.clone();
-                FreeOnlyTarget::Models(&target_models)
+                list
             }
         };
-        self.ledger
-            .set_free_only(self.account(), target, enable, self.config.policy(), now_ms)
+        self.ledger.set_free_only(self.account(), &models, enable)
+    }
+
+    /// The quota alerts of a model's grant as marks (R10): `quota_low` at the threshold,
+    /// `quota_depleted` at zero, keyed so that each fires once per grant across every
+    /// process. They depend on the grant (total, activation, expiry), not on what is left.
+    pub fn alert_marks(&self, model: &str, q: &QuotaRow, now_ms: i64) -> Vec<AlertMark> {
+        if q.expired(now_ms) || q.total == 0 {
+            return Vec::new();
+        }
+        let ppm = self.threshold_ppm();
+        let alert = |kind| Alert {
+            kind,
+            model: Some(model.to_string()),
+            remaining: 0,
+            total: q.total,
+            threshold_ppm: ppm,
+            amount: None,
+            limit: None,
+            day: None,
+            time_ms: now_ms,
+        };
+        let mut marks = Vec::new();
+        if let Some(ppm) = ppm {
+            marks.push(AlertMark {
+                key: format!("quota_low:{model}:{}:{ppm}", q.activated_ms),
+                at_or_below: rules::low_mark(q.total, ppm),
+                alert: alert(AlertKind::QuotaLow),
+            });
+        }
+        marks.push(AlertMark {
+            key: format!("quota_depleted:{model}:{}", q.activated_ms),
+            at_or_below: 0,
+            alert: alert(AlertKind::QuotaDepleted),
+        });
+        marks
+    }
+
+    fn reconcile(&self, model: &str, op: Reconcile, now: Now) -> Result<(QuotaView, Vec<Alert>)> {
+        Self::check_model(model)?;
+        let q = self.ledger.reconcile(self.account(), model, op, now)?;
+        let marks = marks_reached(self.alert_marks(model, &q, now.ms()), q.left());
+        let keys: Vec<String> = marks.iter().map(|m| m.key.clone()).collect();
+        let fired = self.ledger.fire_once(self.account(), &keys, now.ms())?;
+        let alerts = marks
+            .into_iter()
+            .zip(fired)
+            .filter_map(|(m, f)| f.then_some(m.alert))
+            .collect();
+        Ok((self.quota(model, now)?, alerts))
     }
 
     /// R12: the console's figure; returns the quota and the alerts it crossed.
@@ -431,28 +404,15 @@ impl Guard {
         &self,
         model: &str,
         console_text: &str,
-        now_ms: i64,
+        now: Now,
     ) -> Result<(QuotaView, Vec<Alert>)> {
-        Self::check_model(model)?;
         let (remaining, total) = parse_console_figure(console_text)?;
-        let op = Reconcile::Console { remaining, total };
-        let (_, alerts) =
-            self.ledger
-                .reconcile(self.account(), model, op, self.threshold_ppm(), now_ms)?;
-        Ok((self.quota(model, now_ms)?, alerts))
+        self.reconcile(model, Reconcile::Console { remaining, total }, now)
     }
 
     /// R12: the service answered `AllocationQuota.FreeTierOnly`.
-    pub fn mark_depleted(&self, model: &str, now_ms: i64) -> Result<(QuotaView, Vec<Alert>)> {
-        Self::check_model(model)?;
-        let (_, alerts) = self.ledger.reconcile(
-            self.account(),
-            model,
-            Reconcile::Depleted,
-            self.threshold_ppm(),
-            now_ms,
-        )?;
-        Ok((self.quota(model, now_ms)?, alerts))
+    pub fn mark_depleted(&self, model: &str, now: Now) -> Result<(QuotaView, Vec<Alert>)> {
+        self.reconcile(model, Reconcile::Depleted, now)
     }
 
     // ---- calls ----
@@ -553,32 +513,82 @@ impl Guard {
         }
     }
 
+    /// The worst-case cost of a hold: everything not held from free quota is billed,
+    /// priced as the call was held (thinking or not). `None`: the model has no price.
+    fn worst_cost(&self, row: &ReservationRow) -> Result<Option<i64>> {
+        let billable = row.worst - row.free_part.min(row.worst);
+        if billable == 0 {
+            // Nothing billable: free, whatever the price.
+            return Ok(Some(0));
+        }
+        let b_in = row.input_tokens.saturating_sub(row.free_part);
+        self.prices(&row.model)
+            .map(|p| {
+                p.cost(&Billable {
+                    request_input: row.input_tokens,
+                    input: b_in,
+                    output: billable - b_in,
+                    batch: row.kind == Kind::Batch,
+                    thinking: row.thinking,
+                    ..Default::default()
+                })
+            })
+            .transpose()
+    }
+
+    /// R8/R9: holds a call's worst case, or says why it is refused.
     pub fn reserve(
         &self,
         model: &str,
         input_tokens: u64,
         max_output_tokens: u64,
         kind: Kind,
-        now_ms: i64,
+        thinking: bool,
+        now: Now,
     ) -> Result<(ReservationRow, BudgetHold)> {
         Self::check_model(model)?;
+        self.recover_if_due();
         let worst = input_tokens + max_output_tokens;
         let mut hold = self.hold_budgets(worst)?;
-        let args = ReserveArgs {
+        let policy = self.config.policy();
+        let req = HoldRequest {
             account: self.account(),
             model,
             kind,
+            thinking,
             input_tokens,
             worst,
-            policy: self.config.policy(),
-            now_ms,
+            free_region: policy.region_has_free,
+            covered: kind.covered(),
+            may_pay: policy.verified,
+            now,
             lease_ms: self.config.lease_ms,
         };
-        let row = match self.ledger.reserve(&args) {
-            Ok(Ok(row)) => row,
-            Ok(Err(r)) => {
+        let row = match self.ledger.reserve(&req) {
+            Ok(Hold::Held(row)) => row,
+            Ok(Hold::Refused(s)) => {
                 self.end_hold(&hold, None);
-                return Err(refused(r));
+                let at = now.ms();
+                return Err(
+                    match rules::admit(
+                        model,
+                        s.quota.as_ref(),
+                        s.held,
+                        s.overdue,
+                        policy,
+                        kind,
+                        worst,
+                        at,
+                    ) {
+                        Admission::Refuse(r) => QuotaError::Refused(r),
+                        // The step refused on what it saw; the rules agree on the same
+                        // figures, so this is a ledger that broke the contract.
+                        Admission::Admit { .. } => QuotaError::Ledger {
+                            ledger: self.ledger_name().to_string(),
+                            message: format!("refused a call to {model:?} that the rules admit"),
+                        },
+                    },
+                );
             }
             Err(e) => {
                 self.end_hold(&hold, None);
@@ -586,34 +596,69 @@ impl Guard {
             }
         };
         if !hold.ids.is_empty() {
-            // Worst-case cost: everything not held from free quota is billed.
-            let billable = worst - row.free_part.min(worst);
-            let b_in = input_tokens.saturating_sub(row.free_part);
-            let cost = self
-                .prices(model)
-                .map(|p| {
-                    p.cost(&Billable {
-                        request_input: input_tokens,
-                        input: b_in,
-                        output: billable - b_in,
-                        batch: kind == Kind::Batch,
-                        thinking: true,
-                        ..Default::default()
-                    })
-                })
-                .transpose()?;
-            // Nothing billable: free, whatever the price.
-            let cost = if billable == 0 { Some(0) } else { cost };
-            if let Err(e) = self.hold_budget_cost(&mut hold, model, cost) {
+            let held = self
+                .worst_cost(&row)
+                .and_then(|cost| self.hold_budget_cost(&mut hold, model, cost));
+            if let Err(e) = held {
                 self.end_hold(&hold, None);
                 self.ledger
-                    .release(self.account(), model, row.id, false, now_ms)?;
+                    .release(self.account(), model, row.id, false, now)?;
                 return Err(e);
             }
         }
         Ok((row, hold))
     }
 
+    /// A settle's money and alerts, from what its token step took: the `finish` every
+    /// ledger calls between its token step and its commit.
+    pub(crate) fn finish(&self, r: &TakeRequest, t: &Taken) -> Result<Commit> {
+        let split = rules::split(r.input_tokens, r.output_tokens, t.free);
+        let prices = self.prices(&r.model);
+        let billable = Billable {
+            request_input: r.input_tokens,
+            input: split.billable_input,
+            output: split.billable_output,
+            // Free quota covers cached input first: the bill never under-states.
+            cached_input: r
+                .cached_tokens
+                .saturating_sub(r.input_tokens - split.billable_input),
+            thinking: r.thinking,
+            batch: r.kind == Kind::Batch,
+        };
+        let cost = match (split.billable_input + split.billable_output > 0, prices) {
+            (false, _) => Some(0),
+            (true, Some(p)) => Some(p.cost(&billable)?),
+            (true, None) => None,
+        };
+        let record = UsageRecord {
+            id: r.record_id,
+            time_ms: t.time_ms,
+            account: r.account.clone(),
+            user: r.user.clone(),
+            workspace: r.workspace.clone(),
+            model: r.model.clone(),
+            kind: r.kind,
+            request_id: r.request_id.clone(),
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            cached_tokens: r.cached_tokens,
+            thinking: r.thinking,
+            free_tokens: split.free,
+            billable_input_tokens: split.billable_input,
+            billable_output_tokens: split.billable_output,
+            cost,
+            currency: self.currency(),
+            cost_type: CostType::of(&split, prices.is_some()),
+            in_doubt: r.in_doubt,
+        };
+        let marks = match &t.quota {
+            Some(q) => self.alert_marks(&r.model, q, t.time_ms),
+            None => Vec::new(),
+        };
+        Ok(Commit { record, marks })
+    }
+
+    /// R9/R11: records what the service reported for a reservation.
     #[allow(clippy::too_many_arguments)]
     pub fn settle(
         &self,
@@ -623,39 +668,70 @@ impl Guard {
         output_tokens: u64,
         cached_tokens: u64,
         thinking: bool,
+        in_doubt: bool,
         request_id: Option<&str>,
-        now_ms: i64,
-    ) -> Result<SettleOutcome> {
+        now: Now,
+    ) -> Result<Settled> {
         if cached_tokens > input_tokens {
             return Err(invalid(format!(
                 "cached_tokens {cached_tokens} is more than input_tokens {input_tokens}"
             )));
         }
-        let rules_ = self.spend_rules();
-        let out = self.ledger.settle(&SettleArgs {
-            account: self.account(),
-            model: &row.model,
+        let policy = self.config.policy();
+        let req = TakeRequest {
+            account: self.config.account.clone(),
+            model: row.model.clone(),
             kind: row.kind,
             reservation: Some(row.id),
-            user: &self.config.user,
-            workspace: self.config.workspace.as_deref(),
-            request_id,
+            held_free: row.free_part,
+            held_worst: row.worst,
+            record_id: fresh_id(),
+            user: self.config.user.clone(),
+            workspace: self.config.workspace.clone(),
+            request_id: request_id.map(str::to_string),
             input_tokens,
             output_tokens,
             cached_tokens,
             thinking,
-            policy: self.config.policy(),
-            prices: self.prices(&row.model),
-            currency: self.currency(),
-            now_ms,
-            threshold_ppm: self.threshold_ppm(),
-            spend_rules: &rules_,
-        })?;
+            in_doubt,
+            free_region: policy.region_has_free,
+            covered: row.kind.covered(),
+            now,
+        };
+        let mut out = self.ledger.settle(&req, &|r, t| self.finish(r, t))?;
         self.end_hold(
             hold,
             Some((input_tokens + output_tokens, out.record.cost.unwrap_or(0))),
         );
+        // R10: the high-spending rules, on the first settle of a new CST day.
+        let day = cst_day(out.record.time_ms).to_epoch_days() as i64;
+        if self.spend_day.swap(day, Ordering::Relaxed) != day {
+            out.alerts.extend(self.check_spend(now)?);
+        }
         Ok(out)
+    }
+
+    /// Settles at the worst case as it was held (thinking or not): for calls whose
+    /// real usage never arrived.
+    pub fn settle_worst_case(
+        &self,
+        row: &ReservationRow,
+        hold: &BudgetHold,
+        in_doubt: bool,
+        now: Now,
+    ) -> Result<Settled> {
+        let output = row.worst - row.input_tokens;
+        self.settle(
+            row,
+            hold,
+            row.input_tokens,
+            output,
+            0,
+            row.thinking,
+            in_doubt,
+            None,
+            now,
+        )
     }
 
     pub fn release(
@@ -663,11 +739,25 @@ impl Guard {
         row: &ReservationRow,
         hold: &BudgetHold,
         failed: bool,
-        now_ms: i64,
+        now: Now,
     ) -> Result<Release> {
         self.end_hold(hold, None);
         self.ledger
-            .release(self.account(), &row.model, row.id, failed, now_ms)
+            .release(self.account(), &row.model, row.id, failed, now)
+    }
+
+    /// Completes settles that a crash or an outage of the ledger left half-way.
+    pub fn recover(&self) -> Result<Vec<Settled>> {
+        self.ledger
+            .recover(self.account(), &|r, t| self.finish(r, t))
+    }
+
+    /// Recovers when the ledger says there is work; a failure here surfaces on the
+    /// step that follows, which meets the same ledger.
+    fn recover_if_due(&self) {
+        if self.ledger.recovery_due() {
+            let _ = self.recover();
+        }
     }
 
     // ---- budgets ----
@@ -794,9 +884,44 @@ impl Guard {
         self.ledger.hourly(self.account(), model, since_ms)
     }
 
-    pub fn check_spend(&self, now_ms: i64) -> Result<Vec<crate::ledger::Alert>> {
+    /// R10: the high-spending rules for the CST day of `now`, each evaluated once per
+    /// day across every process (marked evaluated whether it fires or not).
+    pub fn check_spend(&self, now: Now) -> Result<Vec<Alert>> {
         let rules_ = self.spend_rules();
-        self.ledger.check_spend(self.account(), &rules_, now_ms)
+        if rules_.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now_ms = now.ms();
+        let today = cst_day(now_ms);
+        let yesterday = today.pred_opt().unwrap_or(today);
+        let keys: Vec<String> = rules_
+            .iter()
+            .map(|r| format!("daily_spend:{}:{today}", r.model.as_deref().unwrap_or("*")))
+            .collect();
+        let fresh = self.ledger.fire_once(self.account(), &keys, now_ms)?;
+        let mut out = Vec::new();
+        for (rule, first) in rules_.iter().zip(fresh) {
+            if !first {
+                continue;
+            }
+            let cost = self
+                .ledger
+                .day_cost(self.account(), yesterday, rule.model.as_deref())?;
+            if cost > i128::from(rule.limit) {
+                out.push(Alert {
+                    kind: AlertKind::DailySpend,
+                    model: rule.model.clone(),
+                    remaining: 0,
+                    total: 0,
+                    threshold_ppm: None,
+                    amount: Some(cost),
+                    limit: Some(rule.limit),
+                    day: Some(yesterday),
+                    time_ms: now_ms,
+                });
+            }
+        }
+        Ok(out)
     }
 
     pub fn compact(&self, before_ms: i64) -> Result<u64> {
@@ -807,34 +932,6 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ledger_urls() {
-        assert_eq!(LedgerUrl::parse("memory://").unwrap(), LedgerUrl::Memory);
-        assert_eq!(
-            LedgerUrl::parse("sqlite:///tmp/x.db").unwrap(),
-            LedgerUrl::Sqlite {
-                path: "/tmp/x.db".into(),
-                sync: sqlite::Sync::Normal
-            }
-        );
-        assert_eq!(
-            LedgerUrl::parse("x.db?synchronous=full").unwrap(),
-            LedgerUrl::Sqlite {
-                path: "x.db".into(),
-                sync: sqlite::Sync::Full
-            }
-        );
-        assert!(LedgerUrl::parse("ftp://x").is_err());
-        assert!(LedgerUrl::parse("x.db?fast=yes")
-            .unwrap_err()
-            .to_string()
-            .contains("fast=yes"));
-        assert_eq!(
-            LedgerUrl::redacted("redis://:secret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-    }
 
     #[test]
     fn token_counts_are_checked() {

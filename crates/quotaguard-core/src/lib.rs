@@ -6,6 +6,7 @@
 //! service is called, and [`guard::Guard::settle`] records what it reported.
 pub mod catalog;
 pub mod clock;
+pub mod config;
 pub mod error;
 pub mod guard;
 pub mod ledger;

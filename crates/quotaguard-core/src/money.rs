@@ -12,7 +12,7 @@ use crate::error::{invalid, QuotaError, Result};
 pub const PICO: i64 = 1_000_000_000_000;
 const PICO_SCALE: u32 = 12;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Currency {
     Cny,
     Usd,

@@ -7,7 +7,7 @@ pub const CUTOVER_MS: i64 = 1_757_300_400_000;
 pub const CUTOVER_DAYS: u32 = 90;
 
 /// A model's free quota as the ledger stores it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QuotaRow {
     pub total: u64,
     /// Free tokens consumed by settled calls (and reconciliation).

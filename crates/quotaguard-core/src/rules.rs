@@ -4,7 +4,9 @@ use crate::error::{QuotaError, Refusal, RefusalReason, Result};
 use crate::quota::QuotaRow;
 
 /// The kind of invocation (R4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Kind {
     Realtime,
     Batch,
@@ -161,7 +163,7 @@ pub fn settle_cap(
 }
 
 /// R11 cost types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CostType {
     FreeQuota,
     PayAsYouGo,

@@ -630,6 +630,25 @@ pub fn chat_bound(vocab: Option<&Vocabulary>, messages: &[ChatMessage<'_>]) -> u
     total
 }
 
+/// The vocabulary the input bound uses in this process: where it is (loaded on first use).
+static ACTIVE: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Points the input bound at a `qwen.tiktoken` vocabulary file (`None`: none, byte bounds).
+pub fn set_vocabulary_path(path: Option<PathBuf>) {
+    *ACTIVE.lock().unwrap_or_else(|p| p.into_inner()) = path;
+}
+
+/// The path of the vocabulary the input bound uses, if any.
+pub fn vocabulary_path() -> Option<PathBuf> {
+    ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// The vocabulary the input bound uses, loaded once; `None` without one (or when it
+/// cannot be read: the bound then counts bytes, which is safe).
+pub fn vocabulary() -> Option<Arc<Vocabulary>> {
+    cached_vocabulary(&vocabulary_path()?).ok()
+}
+
 /// The vocabulary at `path`, loaded once per process and path. A failed load
 /// is not remembered: the next call tries again.
 pub fn cached_vocabulary(path: &Path) -> Result<Arc<Vocabulary>, TokenError> {

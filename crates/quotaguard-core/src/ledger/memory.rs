@@ -22,10 +22,9 @@ type PerModel<T> = HashMap<String, HashMap<String, T>>;
 struct State {
     quotas: HashMap<String, BTreeMap<String, QuotaRow>>,
     accounts: HashMap<String, AccountRow>,
-    reservations: HashMap<i64, ReservationRow>,
-    next_reservation: i64,
+    /// account -> model -> id -> reservation, as SQLite keys them.
+    reservations: PerModel<HashMap<i64, ReservationRow>>,
     records: Vec<UsageRecord>,
-    next_record: i64,
     /// account -> model -> (day, kind) -> totals
     daily: PerModel<BTreeMap<(NaiveDate, Kind), DailyRow>>,
     /// account -> model -> hour -> statistics
@@ -105,36 +104,48 @@ impl Tx for State {
     ) -> Result<u64> {
         Ok(self
             .reservations
-            .values()
-            .filter(|r| {
-                r.expires_ms > now_ms
-                    && Some(r.id) != except
-                    && r.model == model
-                    && r.account == account
-            })
-            .map(|r| r.free_part)
-            .sum())
+            .get(account)
+            .and_then(|m| m.get(model))
+            .map_or(0, |held| {
+                held.values()
+                    .filter(|r| r.expires_ms > now_ms && Some(r.id) != except)
+                    .map(|r| r.free_part)
+                    .sum()
+            }))
     }
 
     fn insert_reservation(&mut self, r: &ReservationRow) -> Result<i64> {
-        self.next_reservation += 1;
-        let id = self.next_reservation;
-        self.reservations
-            .insert(id, ReservationRow { id, ..r.clone() });
+        let held = slot(slot(&mut self.reservations, &r.account), &r.model);
+        let mut id = r.id;
+        while held.contains_key(&id) {
+            id = super::fresh_id();
+        }
+        held.insert(id, ReservationRow { id, ..r.clone() });
         Ok(id)
     }
 
     fn reservation(
         &mut self,
-        _account: &str,
-        _model: &str,
+        account: &str,
+        model: &str,
         id: i64,
     ) -> Result<Option<ReservationRow>> {
-        Ok(self.reservations.get(&id).cloned())
+        Ok(self
+            .reservations
+            .get(account)
+            .and_then(|m| m.get(model))
+            .and_then(|held| held.get(&id))
+            .cloned())
     }
 
-    fn delete_reservation(&mut self, _account: &str, _model: &str, id: i64) -> Result<()> {
-        self.reservations.remove(&id);
+    fn delete_reservation(&mut self, account: &str, model: &str, id: i64) -> Result<()> {
+        if let Some(held) = self
+            .reservations
+            .get_mut(account)
+            .and_then(|m| m.get_mut(model))
+        {
+            held.remove(&id);
+        }
         Ok(())
     }
 
@@ -148,8 +159,6 @@ impl Tx for State {
     }
 
     fn append_record(&mut self, r: &mut UsageRecord) -> Result<()> {
-        self.next_record += 1;
-        r.id = self.next_record;
         let day = cst_day(r.time_ms);
         let d = slot(slot(&mut self.daily, &r.account), &r.model)
             .entry((day, r.kind))

@@ -1,20 +1,25 @@
-//! The ledger: one trait of atomic primitives over the shared state of an
+//! The ledger: one trait of token-only atomic steps over the shared state of an
 //! account's quotas, reservations, records and aggregates.
 //!
-//! Each primitive of [`Ledger`] is one atomic step whose inputs are plain data,
-//! so a server-side implementation (a Redis script) can run it whole. The local
-//! backends ([`memory`], [`sqlite`]) share one implementation of the steps,
-//! [`Local`], written against [`Tx`]: the reads and writes one step needs. The
-//! decisions themselves come from [`crate::rules`].
+//! Each step of [`Ledger`] is atomic and decides on token counts, flags and the
+//! reservation alone ([`decide_hold`], [`decide_take`]): the rules that produce
+//! those numbers stay in [`crate::guard`] and [`crate::rules`], and money reaches a
+//! ledger only as integers computed in Rust. So a server can run a step whole in a
+//! script without any copy of the rules or of money arithmetic ([`redis`]). The
+//! local backends ([`memory`], [`sqlite`]) share one implementation of the steps,
+//! [`Local`], written against [`Tx`]: the reads and writes one step needs.
 use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
 
-use crate::clock::{cst_day, cst_day_start, hour_start, system_now_ms, DAY_MS};
-use crate::error::{QuotaError, Refusal, Result};
-use crate::money::{Billable, Currency, PriceTable};
+use crate::clock::{cst_day_start, hour_start, system_now_ms, DAY_MS};
+use crate::config::LedgerUrl;
+use crate::error::{QuotaError, Result};
+use crate::money::Currency;
 use crate::quota::QuotaRow;
-use crate::rules::{self, Admission, AlertKind, CostType, Kind, Policy};
+use crate::rules::{AlertKind, CostType, Kind};
 
 pub mod memory;
+pub mod redis;
 pub mod sqlite;
 
 /// A call's worst case held against the quota until settled, released or expired (R9).
@@ -24,6 +29,8 @@ pub struct ReservationRow {
     pub account: String,
     pub model: String,
     pub kind: Kind,
+    /// Held as a thinking-mode call: its worst case is priced and settled as one.
+    pub thinking: bool,
     pub input_tokens: u64,
     pub worst: u64,
     /// The part of `worst` held from free quota.
@@ -33,7 +40,7 @@ pub struct ReservationRow {
 }
 
 /// One settled call (R11). Append-only.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub id: i64,
     pub time_ms: i64,
@@ -54,6 +61,9 @@ pub struct UsageRecord {
     pub cost: Option<i64>,
     pub currency: Currency,
     pub cost_type: CostType,
+    /// The call may have reached the service with an unknown outcome: settled at its
+    /// worst case (R9).
+    pub in_doubt: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -133,45 +143,193 @@ pub struct GrantArgs<'a> {
     pub valid_days: u32,
 }
 
-pub struct ReserveArgs<'a> {
+/// What an engine reads to decide a hold, and what a refusal is explained from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    pub quota: Option<QuotaRow>,
+    /// Free tokens held by the model's live reservations.
+    pub held: u64,
+    pub overdue: bool,
+}
+
+/// Where "now" comes from in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Now {
+    /// The caller's time (a test clock): every engine uses it as given.
+    Caller(i64),
+    /// The system clock: an engine with a clock of its own (a Redis server's `TIME`)
+    /// uses that instead, so that machines whose clocks disagree agree on leases. The
+    /// value is the caller's reading, used by engines without a clock of their own.
+    System(i64),
+}
+
+impl Now {
+    pub fn ms(self) -> i64 {
+        match self {
+            Now::Caller(ms) | Now::System(ms) => ms,
+        }
+    }
+}
+
+/// The reserve step (R8, R9) as plain numbers and flags. The rules that produce them
+/// stay in Rust ([`crate::guard`]); every engine runs [`decide_hold`] on them, whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldRequest<'a> {
     pub account: &'a str,
     pub model: &'a str,
     pub kind: Kind,
+    pub thinking: bool,
     pub input_tokens: u64,
     pub worst: u64,
-    pub policy: Policy,
-    pub now_ms: i64,
+    /// R2: the guard's region has free quota on its site.
+    pub free_region: bool,
+    /// R4: free quota may cover this kind of call.
+    pub covered: bool,
+    /// R6: a call that free quota does not fully cover may go at all (a verified
+    /// account); the model's Free Quota Only switch is ledger state, read in the step.
+    pub may_pay: bool,
+    pub now: Now,
     pub lease_ms: i64,
 }
 
-pub struct SettleArgs<'a> {
-    pub account: &'a str,
-    pub model: &'a str,
+/// The outcome of the reserve step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hold {
+    Held(ReservationRow),
+    /// Not admitted; what the step saw, for the rules to say why.
+    Refused(Snapshot),
+}
+
+/// Free tokens a new call could draw on: 0 without quota, outside the free region,
+/// at a total of 0 or after expiry (R2, R3).
+pub fn free_left(s: &Snapshot, free_region: bool, now_ms: i64) -> u64 {
+    match s.quota {
+        Some(q) if free_region && q.total > 0 && now_ms < q.expires_ms() => {
+            q.left().saturating_sub(s.held)
+        }
+        _ => 0,
+    }
+}
+
+/// The contended decision of a reserve, on integers and flags only: the part of the
+/// worst case held from free quota, or `None` to refuse. A Redis script runs the same
+/// comparison (`redis.lua`); the shared contract tests hold the two together.
+pub fn decide_hold(s: &Snapshot, r: &HoldRequest<'_>, now_ms: i64) -> Option<u64> {
+    if s.overdue {
+        return None;
+    }
+    let avail = free_left(s, r.free_region, now_ms);
+    if r.covered && r.worst <= avail {
+        return Some(r.worst);
+    }
+    if r.may_pay && !s.quota.is_some_and(|q| q.free_only) {
+        return Some(if r.covered { avail } else { 0 });
+    }
+    None
+}
+
+/// The token step of a settle (R9, R11), owned so that it can be spilled to a file and
+/// replayed when the engine cannot be reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeRequest {
+    pub account: String,
+    pub model: String,
     pub kind: Kind,
     /// The reservation being settled; `None` records usage that had none.
     pub reservation: Option<i64>,
-    pub user: &'a str,
-    pub workspace: Option<&'a str>,
-    pub request_id: Option<&'a str>,
+    /// What that reservation held: its free part and its worst case (0 without one).
+    pub held_free: u64,
+    pub held_worst: u64,
+    /// The record's id, chosen by the caller: a replay of the same settle is recognised.
+    pub record_id: i64,
+    pub user: String,
+    pub workspace: Option<String>,
+    pub request_id: Option<String>,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cached_tokens: u64,
     pub thinking: bool,
-    pub policy: Policy,
-    pub prices: Option<&'a PriceTable>,
-    pub currency: Currency,
-    pub now_ms: i64,
-    pub threshold_ppm: Option<u32>,
-    pub spend_rules: &'a [SpendRule],
+    pub in_doubt: bool,
+    pub free_region: bool,
+    pub covered: bool,
+    pub now: Now,
 }
 
+/// What the token step took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taken {
+    /// Free tokens the call consumed.
+    pub free: u64,
+    /// The model's quota after the step.
+    pub quota: Option<QuotaRow>,
+    /// The reservation had outlived its lease, or had been swept.
+    pub lease_expired: bool,
+    /// The record's time, as the step's clock read it.
+    pub time_ms: i64,
+}
+
+/// The token step's decision: free tokens up to what is left. Within its worst case a
+/// call draws on its own hold and leaves the others' alone; past it (or once its hold
+/// was swept) the record tells the truth (R9): the service gave free tokens up to what
+/// remained, whoever had reserved them.
+pub fn decide_take(
+    quota: Option<&QuotaRow>,
+    held_by_others: u64,
+    overrun: bool,
+    r: &TakeRequest,
+    now_ms: i64,
+) -> u64 {
+    if !r.covered {
+        return 0;
+    }
+    let s = Snapshot {
+        quota: quota.copied(),
+        held: if overrun { 0 } else { held_by_others },
+        overdue: false,
+    };
+    free_left(&s, r.free_region, now_ms).min(r.input_tokens + r.output_tokens)
+}
+
+/// A quota alert as a plain number (R10): fire `key`, once across every process, when
+/// the model's remaining free tokens are at or below `at_or_below` after the step.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SettleOutcome {
+pub struct AlertMark {
+    pub key: String,
+    pub at_or_below: u64,
+    /// The alert to report when it fires; its `remaining` is set from the step.
+    pub alert: Alert,
+}
+
+/// The money and alerts of a settle, computed in Rust from what the token step took,
+/// reaching the engine as integers it stores unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
     pub record: UsageRecord,
-    /// The reservation had outlived its lease (its tokens had already returned).
+    pub marks: Vec<AlertMark>,
+}
+
+/// The marks that fire at `left` free tokens remaining, with that figure in their alerts.
+pub fn marks_reached(marks: Vec<AlertMark>, left: u64) -> Vec<AlertMark> {
+    marks
+        .into_iter()
+        .filter(|m| left <= m.at_or_below)
+        .map(|mut m| {
+            m.alert.remaining = left;
+            m
+        })
+        .collect()
+}
+
+/// A settled call: its record, and the alerts that fired with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub record: UsageRecord,
     pub lease_expired: bool,
     pub alerts: Vec<Alert>,
 }
+
+/// Computes a settle's money and alerts from its request and what the token step took.
+pub type Finish<'a> = dyn Fn(&TakeRequest, &Taken) -> Result<Commit> + 'a;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
@@ -193,13 +351,6 @@ pub enum AccountOp {
     SetBalance(i64),
     TopUp(i64),
     MarkOverdue,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FreeOnlyTarget<'a> {
-    Models(&'a [String]),
-    /// Every eligible model whose switch was never set.
-    AllEligible,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -229,44 +380,45 @@ impl RecordQuery {
     }
 }
 
-/// The atomic primitives every ledger offers. Each call is one atomic step.
+/// The atomic steps every ledger offers: each call is one atomic step of the engine,
+/// deciding on token counts, flags and the reservation alone. Money reaches a ledger
+/// only as integers computed in Rust, which it stores unchanged.
 pub trait Ledger: Send + Sync {
     /// Where the ledger lives, for messages (a path or URL, never a secret).
     fn name(&self) -> &str;
     fn grant(&self, a: &GrantArgs<'_>) -> Result<QuotaRow>;
     /// The quota and the free tokens held by live reservations.
-    fn quota(&self, account: &str, model: &str, now_ms: i64) -> Result<Option<(QuotaRow, u64)>>;
-    fn quotas(&self, account: &str, now_ms: i64) -> Result<Vec<(String, QuotaRow, u64)>>;
-    /// R5: changes the switch where the rules allow; returns the models changed.
-    fn set_free_only(
-        &self,
-        account: &str,
-        target: FreeOnlyTarget<'_>,
-        enable: bool,
-        policy: Policy,
-        now_ms: i64,
-    ) -> Result<Vec<String>>;
-    /// R12 reconciliation; returns the quota alerts it crossed (R10).
-    fn reconcile(
-        &self,
-        account: &str,
-        model: &str,
-        op: Reconcile,
-        threshold_ppm: Option<u32>,
-        now_ms: i64,
-    ) -> Result<(QuotaRow, Vec<Alert>)>;
-    fn reserve(&self, a: &ReserveArgs<'_>) -> Result<std::result::Result<ReservationRow, Refusal>>;
-    fn settle(&self, a: &SettleArgs<'_>) -> Result<SettleOutcome>;
+    fn quota(&self, account: &str, model: &str, now: Now) -> Result<Option<(QuotaRow, u64)>>;
+    fn quotas(&self, account: &str, now: Now) -> Result<Vec<(String, QuotaRow, u64)>>;
+    /// Sets the Free Quota Only switch (R5) of models the rules allowed, marking them
+    /// configured; a model without a quota row is skipped. Returns the models changed.
+    fn set_free_only(&self, account: &str, models: &[String], enable: bool) -> Result<Vec<String>>;
+    /// R12 reconciliation; returns the quota after it.
+    fn reconcile(&self, account: &str, model: &str, op: Reconcile, now: Now) -> Result<QuotaRow>;
+    /// The reserve step: [`decide_hold`] on what the engine holds, and the hold written
+    /// (or a refusal counted in the hour's statistics) in the same step.
+    fn reserve(&self, r: &HoldRequest<'_>) -> Result<Hold>;
+    /// The settle: the token step ([`decide_take`]; the reservation deleted, the free
+    /// tokens taken), then `finish` in Rust, then the commit (record, totals, balance,
+    /// alerts fired once). Local engines run all three in one transaction; an engine of
+    /// several steps marks the call pending in its token step so that a crash between
+    /// the steps is recovered by [`Ledger::recover`], never lost nor counted twice.
+    fn settle(&self, r: &TakeRequest, finish: &Finish<'_>) -> Result<Settled>;
     fn release(
         &self,
         account: &str,
         model: &str,
         id: i64,
         failed: bool,
-        now_ms: i64,
+        now: Now,
     ) -> Result<Release>;
     fn account(&self, account: &str) -> Result<AccountRow>;
     fn update_account(&self, account: &str, op: AccountOp) -> Result<AccountRow>;
+    /// Records that each alert key fired, once across every process; true where it
+    /// had not fired before.
+    fn fire_once(&self, account: &str, keys: &[String], now_ms: i64) -> Result<Vec<bool>>;
+    /// The cost of a CST day's records, of one model or all, pico-units.
+    fn day_cost(&self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i128>;
     fn records(&self, q: &RecordQuery) -> Result<Vec<UsageRecord>>;
     /// Daily totals for CST days in `[from, to)`.
     fn daily(&self, account: &str, from: NaiveDate, to: NaiveDate) -> Result<Vec<DailyRow>>;
@@ -276,10 +428,18 @@ pub trait Ledger: Send + Sync {
         model: Option<&str>,
         since_ms: Option<i64>,
     ) -> Result<Vec<HourRow>>;
-    /// Evaluates high-spending rules for the CST day of `now_ms` (R10).
-    fn check_spend(&self, account: &str, rules: &[SpendRule], now_ms: i64) -> Result<Vec<Alert>>;
     /// Drops records older than `before_ms`; daily and hourly totals stay.
     fn compact(&self, account: &str, before_ms: i64) -> Result<u64>;
+    /// Completes settles that a crash or an outage left half-way (pending token steps,
+    /// spilled records), each exactly once. Local engines have none.
+    fn recover(&self, _account: &str, _finish: &Finish<'_>) -> Result<Vec<Settled>> {
+        Ok(Vec::new())
+    }
+    /// Whether [`Ledger::recover`] has work to do (a spill to replay, a periodic look
+    /// for settles a crash left pending).
+    fn recovery_due(&self) -> bool {
+        false
+    }
 }
 
 /// The reads and writes of one atomic step of a local backend.
@@ -295,6 +455,7 @@ pub trait Tx {
         now_ms: i64,
         except: Option<i64>,
     ) -> Result<u64>;
+    /// Inserts the reservation; returns its id (the row's, or a fresh one on a clash).
     fn insert_reservation(&mut self, r: &ReservationRow) -> Result<i64>;
     fn reservation(
         &mut self,
@@ -305,7 +466,7 @@ pub trait Tx {
     fn delete_reservation(&mut self, account: &str, model: &str, id: i64) -> Result<()>;
     fn account(&mut self, account: &str) -> Result<AccountRow>;
     fn put_account(&mut self, account: &str, a: &AccountRow) -> Result<()>;
-    /// Appends the record (assigning its id) and adds it to the daily totals.
+    /// Appends the record and adds it to the running totals.
     fn append_record(&mut self, r: &mut UsageRecord) -> Result<()>;
     fn bump_hour(
         &mut self,
@@ -341,83 +502,67 @@ pub trait Backend: Send + Sync {
 /// The one implementation of the atomic steps for local backends.
 pub struct Local<B: Backend>(pub B);
 
-fn spend_key(rule: &SpendRule, day: NaiveDate) -> String {
-    match &rule.model {
-        Some(m) => format!("daily_spend:{m}:{day}"),
-        None => format!("daily_spend:*:{day}"),
-    }
+/// The token step's effect on the hour's statistics and the balance, shared by every
+/// engine's commit: what a tracked balance becomes after `cost` (R7).
+pub fn charge(acct: AccountRow, cost: Option<i64>) -> Result<Option<AccountRow>> {
+    let (Some(c), Some(b)) = (cost.filter(|c| *c > 0), acct.balance) else {
+        return Ok(None);
+    };
+    let nb = b
+        .checked_sub(c)
+        .ok_or_else(|| QuotaError::Invalid(format!("balance {b} minus cost {c} overflows")))?;
+    Ok(Some(AccountRow {
+        balance: Some(nb),
+        overdue: acct.overdue || nb < 0,
+    }))
 }
 
-/// R10 high-spending rules for the CST day of `now_ms`: evaluated once per day and rule.
-fn spend_alerts(
-    tx: &mut dyn Tx,
-    account: &str,
-    rules_: &[SpendRule],
-    now_ms: i64,
-) -> Result<Vec<Alert>> {
-    let mut out = Vec::new();
-    let today = cst_day(now_ms);
-    let yesterday = today.pred_opt().unwrap_or(today);
-    for rule in rules_ {
-        let key = spend_key(rule, today);
-        // Marked as evaluated whether it fires or not: at most one per day.
-        if !tx.fire_once(account, &key, now_ms)? {
-            continue;
+/// A balance after a change of the user's (R7).
+pub fn apply_account_op(mut a: AccountRow, op: AccountOp) -> Result<AccountRow> {
+    match op {
+        AccountOp::SetBalance(b) => {
+            a.balance = Some(b);
+            a.overdue = b < 0;
         }
-        let cost = tx.day_cost(account, yesterday, rule.model.as_deref())?;
-        if cost > i128::from(rule.limit) {
-            out.push(Alert {
-                kind: AlertKind::DailySpend,
-                model: rule.model.clone(),
-                remaining: 0,
-                total: 0,
-                threshold_ppm: None,
-                amount: Some(cost),
-                limit: Some(rule.limit),
-                day: Some(yesterday),
-                time_ms: now_ms,
-            });
+        AccountOp::TopUp(amount) => {
+            let b = a.balance.unwrap_or(0).checked_add(amount).ok_or_else(|| {
+                QuotaError::Invalid(format!(
+                    "top-up of {amount} pico-units overflows the balance"
+                ))
+            })?;
+            a.balance = Some(b);
+            if b >= 0 {
+                a.overdue = false;
+            }
         }
+        AccountOp::MarkOverdue => a.overdue = true,
     }
-    Ok(out)
+    Ok(a)
 }
 
-fn quota_alerts(
-    tx: &mut dyn Tx,
-    account: &str,
-    model: &str,
-    q: &QuotaRow,
-    threshold_ppm: Option<u32>,
-    now_ms: i64,
-) -> Result<Vec<Alert>> {
-    let mut out = Vec::new();
-    if q.expired(now_ms) {
-        return Ok(out);
-    }
-    for kind in rules::quota_alerts(q.total, q.left(), threshold_ppm) {
-        let key = match kind {
-            AlertKind::QuotaLow => format!(
-                "quota_low:{model}:{}:{}",
-                q.activated_ms,
-                threshold_ppm.unwrap_or(0)
-            ),
-            _ => format!("{}:{model}:{}", kind.as_str(), q.activated_ms),
-        };
-        if tx.fire_once(account, &key, now_ms)? {
-            out.push(Alert {
-                kind,
-                model: Some(model.to_string()),
-                remaining: q.left(),
-                total: q.total,
-                threshold_ppm,
-                amount: None,
-                limit: None,
-                day: None,
-                time_ms: now_ms,
-            });
+/// A quota after reconciliation (R12).
+pub fn reconciled(old: Option<QuotaRow>, op: Reconcile, now_ms: i64) -> QuotaRow {
+    let fresh = |total: u64, used: u64| QuotaRow {
+        total,
+        used,
+        activated_ms: now_ms,
+        valid_days: crate::quota::CUTOVER_DAYS,
+        free_only: false,
+        configured: false,
+    };
+    match (op, old) {
+        (Reconcile::Console { remaining, total }, Some(mut q)) => {
+            q.total = total;
+            q.used = total - remaining;
+            q
         }
+        (Reconcile::Console { remaining, total }, None) => fresh(total, total - remaining),
+        (Reconcile::Depleted, Some(mut q)) => {
+            q.used = q.total;
+            q
+        }
+        (Reconcile::Depleted, None) => fresh(0, 0),
     }
-    Ok(out)
 }
 
 impl<B: Backend> Ledger for Local<B> {
@@ -442,21 +587,21 @@ impl<B: Backend> Ledger for Local<B> {
         })
     }
 
-    fn quota(&self, account: &str, model: &str, now_ms: i64) -> Result<Option<(QuotaRow, u64)>> {
+    fn quota(&self, account: &str, model: &str, now: Now) -> Result<Option<(QuotaRow, u64)>> {
         self.0.read(|tx| {
             let Some(q) = tx.quota(account, model)? else {
                 return Ok(None);
             };
-            Ok(Some((q, tx.reserved(account, model, now_ms, None)?)))
+            Ok(Some((q, tx.reserved(account, model, now.ms(), None)?)))
         })
     }
 
-    fn quotas(&self, account: &str, now_ms: i64) -> Result<Vec<(String, QuotaRow, u64)>> {
+    fn quotas(&self, account: &str, now: Now) -> Result<Vec<(String, QuotaRow, u64)>> {
         self.0.read(|tx| {
             let mut out = Vec::new();
             for m in tx.quota_models(account)? {
                 if let Some(q) = tx.quota(account, &m)? {
-                    let r = tx.reserved(account, &m, now_ms, None)?;
+                    let r = tx.reserved(account, &m, now.ms(), None)?;
                     out.push((m, q, r));
                 }
             }
@@ -464,243 +609,116 @@ impl<B: Backend> Ledger for Local<B> {
         })
     }
 
-    fn set_free_only(
-        &self,
-        account: &str,
-        target: FreeOnlyTarget<'_>,
-        enable: bool,
-        policy: Policy,
-        now_ms: i64,
-    ) -> Result<Vec<String>> {
+    fn set_free_only(&self, account: &str, models: &[String], enable: bool) -> Result<Vec<String>> {
         self.0.write(|tx| {
-            let all = matches!(target, FreeOnlyTarget::AllEligible);
-            let models = match target {
-                FreeOnlyTarget::Models(m) => m.to_vec(),
-                FreeOnlyTarget::AllEligible => tx.quota_models(account)?,
-            };
-            // Decide every model first: a refused change changes nothing.
-            let mut changes = Vec::new();
-            for m in &models {
-                let q = tx.quota(account, m)?;
-                // The switch looks at what is unused, as the console does: tokens merely
-                // held by calls in flight still count as left.
-                let left = rules::remaining(q.as_ref(), 0, policy, now_ms);
-                if all {
-                    if q.is_some_and(|q| !q.configured) && left > 0 {
-                        changes.push((m.clone(), q.expect("checked above")));
-                    }
-                    continue;
-                }
-                rules::check_free_only_change(m, enable, left)?;
-                let q = q.ok_or_else(|| {
-                    QuotaError::Rejected(format!(
-                        "cannot change Free Quota Only for {m:?}: it has no free quota"
-                    ))
-                })?;
-                changes.push((m.clone(), q));
-            }
             let mut changed = Vec::new();
-            for (m, mut q) in changes {
-                q.free_only = enable;
-                q.configured = true;
-                tx.put_quota(account, &m, &q)?;
-                changed.push(m);
+            for m in models {
+                if let Some(mut q) = tx.quota(account, m)? {
+                    q.free_only = enable;
+                    q.configured = true;
+                    tx.put_quota(account, m, &q)?;
+                    changed.push(m.clone());
+                }
             }
             Ok(changed)
         })
     }
 
-    fn reconcile(
-        &self,
-        account: &str,
-        model: &str,
-        op: Reconcile,
-        threshold_ppm: Option<u32>,
-        now_ms: i64,
-    ) -> Result<(QuotaRow, Vec<Alert>)> {
+    fn reconcile(&self, account: &str, model: &str, op: Reconcile, now: Now) -> Result<QuotaRow> {
         self.0.write(|tx| {
-            let q = tx.quota(account, model)?;
-            let q = match (op, q) {
-                (Reconcile::Console { remaining, total }, Some(mut q)) => {
-                    q.total = total;
-                    q.used = total - remaining;
-                    q
-                }
-                (Reconcile::Console { remaining, total }, None) => QuotaRow {
-                    total,
-                    used: total - remaining,
-                    activated_ms: now_ms,
-                    valid_days: crate::quota::CUTOVER_DAYS,
-                    free_only: false,
-                    configured: false,
-                },
-                (Reconcile::Depleted, Some(mut q)) => {
-                    q.used = q.total;
-                    q
-                }
-                (Reconcile::Depleted, None) => QuotaRow {
-                    total: 0,
-                    used: 0,
-                    activated_ms: now_ms,
-                    valid_days: crate::quota::CUTOVER_DAYS,
-                    free_only: false,
-                    configured: false,
-                },
-            };
+            let q = reconciled(tx.quota(account, model)?, op, now.ms());
             tx.put_quota(account, model, &q)?;
-            let alerts = quota_alerts(tx, account, model, &q, threshold_ppm, now_ms)?;
-            Ok((q, alerts))
+            Ok(q)
         })
     }
 
-    fn reserve(&self, a: &ReserveArgs<'_>) -> Result<std::result::Result<ReservationRow, Refusal>> {
+    fn reserve(&self, r: &HoldRequest<'_>) -> Result<Hold> {
+        let now = r.now.ms();
         self.0.write(|tx| {
-            let q = tx.quota(a.account, a.model)?;
-            let overdue = tx.account(a.account)?.overdue;
-            let reserved = tx.reserved(a.account, a.model, a.now_ms, None)?;
-            match rules::admit(
-                a.model,
-                q.as_ref(),
-                reserved,
-                overdue,
-                a.policy,
-                a.kind,
-                a.worst,
-                a.now_ms,
-            ) {
-                Admission::Refuse(r) => {
-                    let d = StatsDelta {
-                        refusals: 1,
-                        ..Default::default()
-                    };
-                    tx.bump_hour(a.account, a.model, a.kind, hour_start(a.now_ms), &d)?;
-                    Ok(Err(r))
-                }
-                Admission::Admit { free_part } => {
-                    let mut row = ReservationRow {
-                        id: 0,
-                        account: a.account.to_string(),
-                        model: a.model.to_string(),
-                        kind: a.kind,
-                        input_tokens: a.input_tokens,
-                        worst: a.worst,
-                        free_part,
-                        created_ms: a.now_ms,
-                        expires_ms: a.now_ms.saturating_add(a.lease_ms),
-                    };
-                    row.id = tx.insert_reservation(&row)?;
-                    Ok(Ok(row))
-                }
-            }
+            let snap = Snapshot {
+                quota: tx.quota(r.account, r.model)?,
+                held: tx.reserved(r.account, r.model, now, None)?,
+                overdue: tx.account(r.account)?.overdue,
+            };
+            let Some(free_part) = decide_hold(&snap, r, now) else {
+                let d = StatsDelta {
+                    refusals: 1,
+                    ..Default::default()
+                };
+                tx.bump_hour(r.account, r.model, r.kind, hour_start(now), &d)?;
+                return Ok(Hold::Refused(snap));
+            };
+            let mut row = ReservationRow {
+                id: fresh_id(),
+                account: r.account.to_string(),
+                model: r.model.to_string(),
+                kind: r.kind,
+                thinking: r.thinking,
+                input_tokens: r.input_tokens,
+                worst: r.worst,
+                free_part,
+                created_ms: now,
+                expires_ms: now.saturating_add(r.lease_ms),
+            };
+            row.id = tx.insert_reservation(&row)?;
+            Ok(Hold::Held(row))
         })
     }
 
-    fn settle(&self, a: &SettleArgs<'_>) -> Result<SettleOutcome> {
+    fn settle(&self, r: &TakeRequest, finish: &Finish<'_>) -> Result<Settled> {
+        let now = r.now.ms();
         self.0.write(|tx| {
-            let mut lease_expired = false;
-            let mut overrun = false;
-            if let Some(id) = a.reservation {
-                match tx.reservation(a.account, a.model, id)? {
-                    Some(r) => {
-                        lease_expired = r.expires_ms <= a.now_ms;
-                        overrun = a.input_tokens + a.output_tokens > r.worst;
-                        tx.delete_reservation(a.account, a.model, id)?;
+            let (acct, model) = (r.account.as_str(), r.model.as_str());
+            let (mut overrun, mut lease_expired) = (false, false);
+            if let Some(id) = r.reservation {
+                match tx.reservation(acct, model, id)? {
+                    Some(res) => {
+                        lease_expired = res.expires_ms <= now;
+                        overrun = r.input_tokens + r.output_tokens > res.worst;
+                        tx.delete_reservation(acct, model, id)?;
                     }
-                    None => {
-                        return Err(QuotaError::Rejected(format!(
-                            "reservation {id} is already settled or released"
-                        )))
-                    }
+                    // Swept after its lease: the usage is still recorded (R9).
+                    None => (lease_expired, overrun) = (true, true),
                 }
             }
-            let mut q = tx.quota(a.account, a.model)?;
-            // Within its worst case a call draws on its own hold and leaves the others'
-            // alone. Past it, the record tells the truth (R9): the service gave free
-            // tokens up to what remained, whoever had reserved them.
+            let mut quota = tx.quota(acct, model)?;
             let others = if overrun {
                 0
             } else {
-                tx.reserved(a.account, a.model, a.now_ms, a.reservation)?
+                tx.reserved(acct, model, now, r.reservation)?
             };
-            let cap = rules::settle_cap(q.as_ref(), others, a.policy, a.kind, a.now_ms);
-            let split = rules::split(a.input_tokens, a.output_tokens, cap);
-            let billable = Billable {
-                request_input: a.input_tokens,
-                input: split.billable_input,
-                output: split.billable_output,
-                // Free quota covers cached input first: the bill never under-states.
-                cached_input: a
-                    .cached_tokens
-                    .saturating_sub(a.input_tokens - split.billable_input),
-                thinking: a.thinking,
-                batch: a.kind == Kind::Batch,
-            };
-            let has_bill = split.billable_input + split.billable_output > 0;
-            let cost = match (has_bill, a.prices) {
-                (false, _) => Some(0),
-                (true, Some(p)) => Some(p.cost(&billable)?),
-                (true, None) => None,
-            };
-            let mut alerts = Vec::new();
-            if let Some(qr) = q.as_mut() {
-                qr.used += split.free;
-                tx.put_quota(a.account, a.model, qr)?;
-                alerts.extend(quota_alerts(
-                    tx,
-                    a.account,
-                    a.model,
-                    qr,
-                    a.threshold_ppm,
-                    a.now_ms,
-                )?);
+            let free = decide_take(quota.as_ref(), others, overrun, r, now);
+            if let Some(q) = quota.as_mut() {
+                q.used += free;
+                tx.put_quota(acct, model, q)?;
             }
-            let mut record = UsageRecord {
-                id: 0,
-                time_ms: a.now_ms,
-                account: a.account.to_string(),
-                user: a.user.to_string(),
-                workspace: a.workspace.map(str::to_string),
-                model: a.model.to_string(),
-                kind: a.kind,
-                request_id: a.request_id.map(str::to_string),
-                input_tokens: a.input_tokens,
-                output_tokens: a.output_tokens,
-                cached_tokens: a.cached_tokens,
-                thinking: a.thinking,
-                free_tokens: split.free,
-                billable_input_tokens: split.billable_input,
-                billable_output_tokens: split.billable_output,
-                cost,
-                currency: a.currency,
-                cost_type: CostType::of(&split, a.prices.is_some()),
+            let taken = Taken {
+                free,
+                quota,
+                lease_expired,
+                time_ms: now,
             };
-            tx.append_record(&mut record)?;
-            let d = StatsDelta {
-                calls: 1,
-                input_tokens: a.input_tokens,
-                output_tokens: a.output_tokens,
-                ..Default::default()
-            };
-            tx.bump_hour(a.account, a.model, a.kind, hour_start(a.now_ms), &d)?;
-            // R7: pay-as-you-go charges draw on a tracked balance.
-            if let Some(c) = cost.filter(|c| *c > 0) {
-                let mut acct = tx.account(a.account)?;
-                if let Some(b) = acct.balance {
-                    let nb = b.checked_sub(c).ok_or_else(|| {
-                        QuotaError::Invalid(format!("balance {b} minus cost {c} overflows"))
-                    })?;
-                    acct.balance = Some(nb);
-                    if nb < 0 {
-                        acct.overdue = true;
-                    }
-                    tx.put_account(a.account, &acct)?;
+            let mut c = finish(r, &taken)?;
+            let left = quota.map_or(0, |q| q.left());
+            let mut alerts = Vec::new();
+            for m in marks_reached(std::mem::take(&mut c.marks), left) {
+                if tx.fire_once(acct, &m.key, now)? {
+                    alerts.push(m.alert);
                 }
             }
-            if !a.spend_rules.is_empty() {
-                alerts.extend(spend_alerts(tx, a.account, a.spend_rules, a.now_ms)?);
+            tx.append_record(&mut c.record)?;
+            let d = StatsDelta {
+                calls: 1,
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                ..Default::default()
+            };
+            tx.bump_hour(acct, model, r.kind, hour_start(now), &d)?;
+            if let Some(a) = charge(tx.account(acct)?, c.record.cost)? {
+                tx.put_account(acct, &a)?;
             }
-            Ok(SettleOutcome {
-                record,
+            Ok(Settled {
+                record: c.record,
                 lease_expired,
                 alerts,
             })
@@ -713,7 +731,7 @@ impl<B: Backend> Ledger for Local<B> {
         model: &str,
         id: i64,
         failed: bool,
-        now_ms: i64,
+        now: Now,
     ) -> Result<Release> {
         self.0.write(|tx| {
             let Some(r) = tx.reservation(account, model, id)? else {
@@ -725,7 +743,7 @@ impl<B: Backend> Ledger for Local<B> {
                     failures: 1,
                     ..Default::default()
                 };
-                tx.bump_hour(account, &r.model, r.kind, hour_start(now_ms), &d)?;
+                tx.bump_hour(account, &r.model, r.kind, hour_start(now.ms()), &d)?;
             }
             Ok(Release::Released)
         })
@@ -737,28 +755,25 @@ impl<B: Backend> Ledger for Local<B> {
 
     fn update_account(&self, account: &str, op: AccountOp) -> Result<AccountRow> {
         self.0.write(|tx| {
-            let mut a = tx.account(account)?;
-            match op {
-                AccountOp::SetBalance(b) => {
-                    a.balance = Some(b);
-                    a.overdue = b < 0;
-                }
-                AccountOp::TopUp(amount) => {
-                    let b = a.balance.unwrap_or(0).checked_add(amount).ok_or_else(|| {
-                        QuotaError::Invalid(format!(
-                            "top-up of {amount} pico-units overflows the balance"
-                        ))
-                    })?;
-                    a.balance = Some(b);
-                    if b >= 0 {
-                        a.overdue = false;
-                    }
-                }
-                AccountOp::MarkOverdue => a.overdue = true,
-            }
+            let a = apply_account_op(tx.account(account)?, op)?;
             tx.put_account(account, &a)?;
             Ok(a)
         })
+    }
+
+    fn fire_once(&self, account: &str, keys: &[String], now_ms: i64) -> Result<Vec<bool>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.0.write(|tx| {
+            keys.iter()
+                .map(|k| tx.fire_once(account, k, now_ms))
+                .collect()
+        })
+    }
+
+    fn day_cost(&self, account: &str, day: NaiveDate, model: Option<&str>) -> Result<i128> {
+        self.0.read(|tx| tx.day_cost(account, day, model))
     }
 
     fn records(&self, q: &RecordQuery) -> Result<Vec<UsageRecord>> {
@@ -778,15 +793,32 @@ impl<B: Backend> Ledger for Local<B> {
         self.0.read(|tx| tx.hourly(account, model, since_ms))
     }
 
-    fn check_spend(&self, account: &str, rules_: &[SpendRule], now_ms: i64) -> Result<Vec<Alert>> {
-        if rules_.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.0.write(|tx| spend_alerts(tx, account, rules_, now_ms))
-    }
-
     fn compact(&self, account: &str, before_ms: i64) -> Result<u64> {
         self.0.write(|tx| tx.compact(account, before_ms))
+    }
+}
+
+/// Opens the ledger `url` names; `create_dir` is a directory to create (private) first.
+pub fn open(url: &LedgerUrl, create_dir: Option<&std::path::Path>) -> Result<Box<dyn Ledger>> {
+    match url {
+        LedgerUrl::Memory => Ok(Box::new(Local(memory::Memory::new()))),
+        LedgerUrl::Sqlite { path, durability } => {
+            if let Some(dir) = create_dir {
+                sqlite::create_private_dir(dir).map_err(|e| QuotaError::Ledger {
+                    ledger: path.display().to_string(),
+                    message: format!(
+                        "cannot create directory {:?}: {e}",
+                        dir.display().to_string()
+                    ),
+                })?;
+            }
+            Ok(Box::new(Local(sqlite::Sqlite::open(path, *durability)?)))
+        }
+        LedgerUrl::Redis { topology, display } => Ok(Box::new(redis::Redis::open(
+            topology.clone(),
+            display.clone(),
+            crate::config::spill_dir(),
+        )?)),
     }
 }
 

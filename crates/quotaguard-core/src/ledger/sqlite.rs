@@ -22,7 +22,7 @@ use crate::quota::QuotaRow;
 use crate::rules::{CostType, Kind};
 
 /// The schema this build writes. Each entry of `MIGRATIONS` moves one version up.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -65,10 +65,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE alerts (
         account TEXT NOT NULL, key TEXT NOT NULL, fired_ms INTEGER NOT NULL,
         PRIMARY KEY (account, key)) WITHOUT ROWID;",
+    // 1 -> 2: thinking-mode holds are settled as they were held; in-doubt calls (R9).
+    "ALTER TABLE reservations ADD COLUMN thinking INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE records ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0;",
 ];
 
+/// How far a committed step survives: SQLite's `synchronous` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sync {
+pub enum Durability {
     /// Durable across a crash of the process (the default).
     Normal,
     /// Durable across a crash of the machine: one fsync per step.
@@ -125,7 +129,7 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 
 impl Sqlite {
     /// Opens (creating if needed, mode 0600) the ledger file at `path`.
-    pub fn open(path: &Path, sync: Sync) -> Result<Self> {
+    pub fn open(path: &Path, durability: Durability) -> Result<Self> {
         let name = path.display().to_string();
         let dir = path
             .parent()
@@ -169,9 +173,9 @@ impl Sqlite {
                 format!("could not switch to WAL mode (got {mode:?})"),
             ));
         }
-        let sync_sql = match sync {
-            Sync::Normal => "PRAGMA synchronous=NORMAL",
-            Sync::Full => "PRAGMA synchronous=FULL",
+        let sync_sql = match durability {
+            Durability::Normal => "PRAGMA synchronous=NORMAL",
+            Durability::Full => "PRAGMA synchronous=FULL",
         };
         conn.execute_batch(sync_sql).map_err(|e| db_err(&name, e))?;
         // Checkpoint (and fsync) every 8,192 pages of WAL rather than every 1,000, and
@@ -289,17 +293,32 @@ fn pico_sum(text: Option<&str>) -> i128 {
     text.and_then(|t| t.parse().ok()).unwrap_or(0)
 }
 
-fn u(v: i64) -> u64 {
-    v.max(0) as u64
+/// A count read back from a column: a negative value is a corrupt row, not a zero.
+fn count_at(r: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let v: i64 = r.get(idx)?;
+    u64::try_from(v).map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            rusqlite::types::Type::Integer,
+            format!("negative count {v}").into(),
+        )
+    })
 }
 
-fn i(v: u64) -> i64 {
-    v.min(i64::MAX as u64) as i64
+/// A count as SQLite stores it (a signed 64-bit integer): larger values are refused,
+/// never clamped.
+fn sql_count(what: &str, v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| {
+        QuotaError::Invalid(format!(
+            "{what} {v} is more than the ledger stores ({})",
+            i64::MAX
+        ))
+    })
 }
 
 const RECORD_COLUMNS: &str = "id, time_ms, account, user, workspace, model, kind, request_id, \
      input_tokens, output_tokens, cached_tokens, thinking, free_tokens, billable_input, \
-     billable_output, cost, currency, cost_type";
+     billable_output, cost, currency, cost_type, in_doubt";
 
 fn record_from(r: &Row<'_>) -> rusqlite::Result<UsageRecord> {
     let kind: String = r.get(6)?;
@@ -314,16 +333,17 @@ fn record_from(r: &Row<'_>) -> rusqlite::Result<UsageRecord> {
         model: r.get(5)?,
         kind: kind_of(&kind),
         request_id: r.get(7)?,
-        input_tokens: u(r.get(8)?),
-        output_tokens: u(r.get(9)?),
-        cached_tokens: u(r.get(10)?),
+        input_tokens: count_at(r, 8)?,
+        output_tokens: count_at(r, 9)?,
+        cached_tokens: count_at(r, 10)?,
         thinking: r.get(11)?,
-        free_tokens: u(r.get(12)?),
-        billable_input_tokens: u(r.get(13)?),
-        billable_output_tokens: u(r.get(14)?),
+        free_tokens: count_at(r, 12)?,
+        billable_input_tokens: count_at(r, 13)?,
+        billable_output_tokens: count_at(r, 14)?,
         cost: r.get(15)?,
         currency: currency_of(&currency),
         cost_type: CostType::parse(&cost_type).unwrap_or(CostType::Unpriced),
+        in_doubt: r.get(18)?,
     })
 }
 
@@ -344,10 +364,10 @@ impl Tx for SqliteTx<'_> {
             .map_err(|e| self.err(e))?;
         st.query_row(params![account, model], |r| {
             Ok(QuotaRow {
-                total: u(r.get(0)?),
-                used: u(r.get(1)?),
+                total: count_at(r, 0)?,
+                used: count_at(r, 1)?,
                 activated_ms: r.get(2)?,
-                valid_days: r.get::<_, i64>(3)? as u32,
+                valid_days: r.get::<_, u32>(3)?,
                 free_only: r.get(4)?,
                 configured: r.get(5)?,
             })
@@ -368,10 +388,10 @@ impl Tx for SqliteTx<'_> {
         st.execute(params![
             account,
             model,
-            i(q.total),
-            i(q.used),
+            sql_count("total", q.total)?,
+            sql_count("used", q.used)?,
             q.activated_ms,
-            q.valid_days as i64,
+            q.valid_days,
             q.free_only,
             q.configured
         ])
@@ -410,7 +430,7 @@ impl Tx for SqliteTx<'_> {
                 r.get(0)
             })
             .map_err(|e| self.err(e))?;
-        Ok(u(v))
+        u64::try_from(v).map_err(|_| ledger_err(self.name, format!("negative tokens held: {v}")))
     }
 
     fn insert_reservation(&mut self, r: &ReservationRow) -> Result<i64> {
@@ -418,29 +438,32 @@ impl Tx for SqliteTx<'_> {
             .conn
             .prepare_cached(
                 "INSERT OR IGNORE INTO reservations
-                 (account, model, id, kind, input_tokens, worst, free_part, created_ms, expires_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 (account, model, id, kind, input_tokens, worst, free_part, created_ms, expires_ms,
+                  thinking)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )
             .map_err(|e| self.err(e))?;
         // Random ids: never reused across processes, and no shared counter page to write.
+        let mut id = r.id;
         loop {
-            let id = super::fresh_id();
             let n = st
                 .execute(params![
                     r.account,
                     r.model,
                     id,
                     r.kind.as_str(),
-                    i(r.input_tokens),
-                    i(r.worst),
-                    i(r.free_part),
+                    sql_count("input_tokens", r.input_tokens)?,
+                    sql_count("worst", r.worst)?,
+                    sql_count("free_part", r.free_part)?,
                     r.created_ms,
-                    r.expires_ms
+                    r.expires_ms,
+                    r.thinking
                 ])
                 .map_err(|e| self.err(e))?;
             if n == 1 {
                 return Ok(id);
             }
+            id = super::fresh_id();
         }
     }
 
@@ -453,8 +476,8 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT id, account, model, kind, input_tokens, worst, free_part, created_ms, expires_ms
-                 FROM reservations WHERE account = ?1 AND model = ?2 AND id = ?3",
+                "SELECT id, account, model, kind, input_tokens, worst, free_part, created_ms, expires_ms,
+                 thinking FROM reservations WHERE account = ?1 AND model = ?2 AND id = ?3",
             )
             .map_err(|e| self.err(e))?;
         st.query_row(params![account, model, id], |r| {
@@ -464,11 +487,12 @@ impl Tx for SqliteTx<'_> {
                 account: r.get(1)?,
                 model: r.get(2)?,
                 kind: kind_of(&kind),
-                input_tokens: u(r.get(4)?),
-                worst: u(r.get(5)?),
-                free_part: u(r.get(6)?),
+                input_tokens: count_at(r, 4)?,
+                worst: count_at(r, 5)?,
+                free_part: count_at(r, 6)?,
                 created_ms: r.get(7)?,
                 expires_ms: r.get(8)?,
+                thinking: r.get(9)?,
             })
         })
         .optional()
@@ -522,12 +546,12 @@ impl Tx for SqliteTx<'_> {
             .prepare_cached(
                 "INSERT OR IGNORE INTO records (account, time_ms, id, user, workspace, model, kind,
                  request_id, input_tokens, output_tokens, cached_tokens, thinking, free_tokens,
-                 billable_input, billable_output, cost, currency, cost_type)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                 billable_input, billable_output, cost, currency, cost_type, in_doubt)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                 ?19)",
             )
             .map_err(|e| self.err(e))?;
         loop {
-            r.id = super::fresh_id();
             let n = st
                 .execute(params![
                     r.account,
@@ -538,21 +562,23 @@ impl Tx for SqliteTx<'_> {
                     r.model,
                     r.kind.as_str(),
                     r.request_id,
-                    i(r.input_tokens),
-                    i(r.output_tokens),
-                    i(r.cached_tokens),
+                    sql_count("input_tokens", r.input_tokens)?,
+                    sql_count("output_tokens", r.output_tokens)?,
+                    sql_count("cached_tokens", r.cached_tokens)?,
                     r.thinking,
-                    i(r.free_tokens),
-                    i(r.billable_input_tokens),
-                    i(r.billable_output_tokens),
+                    sql_count("free_tokens", r.free_tokens)?,
+                    sql_count("billable_input_tokens", r.billable_input_tokens)?,
+                    sql_count("billable_output_tokens", r.billable_output_tokens)?,
                     r.cost,
                     r.currency.code(),
-                    r.cost_type.as_str()
+                    r.cost_type.as_str(),
+                    r.in_doubt
                 ])
                 .map_err(|e| self.err(e))?;
             if n == 1 {
                 break;
             }
+            r.id = super::fresh_id();
         }
         let hour = hour_start(r.time_ms);
         let old: Option<String> = {
@@ -590,9 +616,9 @@ impl Tx for SqliteTx<'_> {
             hour,
             r.model,
             r.kind.as_str(),
-            i(r.free_tokens),
-            i(r.billable_input_tokens),
-            i(r.billable_output_tokens),
+            sql_count("free_tokens", r.free_tokens)?,
+            sql_count("billable_input_tokens", r.billable_input_tokens)?,
+            sql_count("billable_output_tokens", r.billable_output_tokens)?,
             cost.to_string(),
             i64::from(r.cost_type == CostType::Unpriced),
             r.currency.code()
@@ -627,11 +653,11 @@ impl Tx for SqliteTx<'_> {
             hour_ms,
             model,
             kind.as_str(),
-            i(d.calls),
-            i(d.refusals),
-            i(d.failures),
-            i(d.input_tokens),
-            i(d.output_tokens)
+            sql_count("calls", d.calls)?,
+            sql_count("refusals", d.refusals)?,
+            sql_count("failures", d.failures)?,
+            sql_count("input_tokens", d.input_tokens)?,
+            sql_count("output_tokens", d.output_tokens)?
         ])
         .map_err(|e| self.err(e))?;
         Ok(())
@@ -688,7 +714,7 @@ impl Tx for SqliteTx<'_> {
                     q.user,
                     q.workspace,
                     q.kind.map(|k| k.as_str()),
-                    q.limit.map_or(-1, i)
+                    q.limit.map_or(Ok(-1), |n| sql_count("limit", n))?
                 ],
                 record_from,
             )
@@ -717,14 +743,14 @@ impl Tx for SqliteTx<'_> {
                     day: cst_day(hour),
                     model: r.get(1)?,
                     kind: kind_of(&kind),
-                    calls: u(r.get(3)?),
-                    input_tokens: u(r.get(4)?),
-                    output_tokens: u(r.get(5)?),
-                    free_tokens: u(r.get(6)?),
-                    billable_input_tokens: u(r.get(7)?),
-                    billable_output_tokens: u(r.get(8)?),
+                    calls: count_at(r, 3)?,
+                    input_tokens: count_at(r, 4)?,
+                    output_tokens: count_at(r, 5)?,
+                    free_tokens: count_at(r, 6)?,
+                    billable_input_tokens: count_at(r, 7)?,
+                    billable_output_tokens: count_at(r, 8)?,
                     cost: pico_sum(Some(&cost)),
-                    unpriced_calls: u(r.get(10)?),
+                    unpriced_calls: count_at(r, 10)?,
                     currency: currency_of(currency.as_deref().unwrap_or("CNY")),
                 })
             })
@@ -774,11 +800,11 @@ impl Tx for SqliteTx<'_> {
                 Ok(HourRow {
                     hour_ms: r.get(0)?,
                     model: r.get(1)?,
-                    calls: u(r.get(2)?),
-                    refusals: u(r.get(3)?),
-                    failures: u(r.get(4)?),
-                    input_tokens: u(r.get(5)?),
-                    output_tokens: u(r.get(6)?),
+                    calls: count_at(r, 2)?,
+                    refusals: count_at(r, 3)?,
+                    failures: count_at(r, 4)?,
+                    input_tokens: count_at(r, 5)?,
+                    output_tokens: count_at(r, 6)?,
                 })
             })
             .map_err(|e| self.err(e))?;

@@ -1,159 +1,506 @@
-//! The same scenarios against every local backend.
+//! The ledger contract: the same scenarios against every engine (memory, SQLite, and
+//! Redis standalone and Cluster when `QUOTAGUARD_TEST_REDIS` / `..._CLUSTER` name a
+//! server; CI sets `QUOTAGUARD_REQUIRE_REDIS=1`, and a missing server then fails).
+//! They run through [`Guard`], the only door the bindings use, so that the rules,
+//! the money computed in Rust and the engine's atomic steps are tested together.
+use std::sync::Arc;
+
 use super::*;
-use crate::ledger::memory::Memory;
-use crate::ledger::sqlite::{Sqlite, Sync};
+use crate::catalog::{Catalog, Site};
+use crate::config::LedgerUrl;
+use crate::error::RefusalReason;
+use crate::guard::{BudgetHold, Config, FreeOnlyTarget, Guard};
+use crate::ledger::sqlite::{Durability, Sqlite};
 use crate::quota::CUTOVER_MS;
 
-const ON: Policy = Policy {
-    region_has_free: true,
-    verified: true,
-};
 const T0: i64 = CUTOVER_MS + 1_000;
+const MODEL: &str = "qwen-max";
 
-fn backends() -> Vec<(Box<dyn Ledger>, Option<tempfile::TempDir>)> {
+fn at(ms: i64) -> Now {
+    Now::Caller(ms)
+}
+
+/// Each engine once, each guard on an account of its own (Redis servers are shared
+/// between tests).
+struct Engine {
+    name: &'static str,
+    url: LedgerUrl,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn redis_url(var: &str) -> Option<LedgerUrl> {
+    match std::env::var(var).ok().filter(|v| !v.is_empty()) {
+        Some(u) => Some(LedgerUrl::parse(&u).expect("a Redis URL")),
+        None => {
+            assert!(
+                std::env::var("QUOTAGUARD_REQUIRE_REDIS").ok().as_deref() != Some("1"),
+                "${var} is not set, and QUOTAGUARD_REQUIRE_REDIS=1 says a Redis server must be tested"
+            );
+            eprintln!("ledger contract: ${var} not set, Redis not tested here");
+            None
+        }
+    }
+}
+
+fn engines() -> Vec<Engine> {
     let dir = tempfile::tempdir().unwrap();
-    let sq = Sqlite::open(&dir.path().join("l.db"), Sync::Normal).unwrap();
-    vec![
-        (Box::new(Local(Memory::new())), None),
-        (Box::new(Local(sq)), Some(dir)),
-    ]
+    let path = dir.path().join("l.db");
+    let mut out = vec![
+        Engine {
+            name: "memory",
+            url: LedgerUrl::Memory,
+            _dir: None,
+        },
+        Engine {
+            name: "sqlite",
+            url: LedgerUrl::Sqlite {
+                path,
+                durability: Durability::Normal,
+            },
+            _dir: Some(dir),
+        },
+    ];
+    for (name, var) in [
+        ("redis", "QUOTAGUARD_TEST_REDIS"),
+        ("redis-cluster", "QUOTAGUARD_TEST_REDIS_CLUSTER"),
+    ] {
+        if let Some(url) = redis_url(var) {
+            out.push(Engine {
+                name,
+                url,
+                _dir: None,
+            });
+        }
+    }
+    out
 }
 
-fn grant(l: &dyn Ledger, total: u64) {
-    l.grant(&GrantArgs {
-        account: "a",
-        model: "m",
-        total,
-        activated_ms: CUTOVER_MS,
-        valid_days: 90,
-    })
-    .unwrap();
+fn fresh_account() -> String {
+    format!("t{:x}", fresh_id())
 }
 
-fn reserve(l: &dyn Ledger, worst: u64, now: i64) -> std::result::Result<ReservationRow, Refusal> {
-    l.reserve(&ReserveArgs {
-        account: "a",
-        model: "m",
-        kind: Kind::Realtime,
-        input_tokens: worst / 2,
-        worst,
-        policy: ON,
-        now_ms: now,
-        lease_ms: 600_000,
-    })
+impl Engine {
+    fn ledger(&self) -> Box<dyn Ledger> {
+        open(&self.url, None).unwrap_or_else(|e| panic!("{}: {e}", self.name))
+    }
+
+    fn guard(&self, account: &str) -> Guard {
+        let config = Config {
+            account: account.to_string(),
+            user: "root".into(),
+            workspace: None,
+            region: "cn-beijing".into(),
+            site: Site::China,
+            verified: true,
+            lease_ms: 600_000,
+        };
+        Guard::new(config, self.ledger(), Arc::new(Catalog::bundled())).unwrap()
+    }
+
+    /// A guard on a fresh account with `total` free tokens of `MODEL`.
+    fn granted(&self, total: u64) -> Guard {
+        let g = self.guard(&fresh_account());
+        g.grant(MODEL, Some(total), Some(CUTOVER_MS), None, at(T0))
+            .unwrap();
+        g
+    }
+}
+
+type Held = (ReservationRow, BudgetHold);
+
+fn reserve(g: &Guard, worst: u64, now: i64) -> Result<Held> {
+    g.reserve(
+        MODEL,
+        worst / 2,
+        worst - worst / 2,
+        Kind::Realtime,
+        false,
+        at(now),
+    )
+}
+
+fn settle(g: &Guard, h: &Held, input: u64, output: u64, now: i64) -> Settled {
+    g.settle(
+        &h.0,
+        &h.1,
+        input,
+        output,
+        0,
+        false,
+        false,
+        Some("req"),
+        at(now),
+    )
     .unwrap()
 }
 
-fn settle(l: &dyn Ledger, id: i64, input: u64, output: u64, now: i64) -> Result<SettleOutcome> {
-    l.settle(&SettleArgs {
-        account: "a",
-        model: "m",
-        kind: Kind::Realtime,
-        reservation: Some(id),
-        user: "root",
-        workspace: None,
-        request_id: Some("req"),
-        input_tokens: input,
-        output_tokens: output,
-        cached_tokens: 0,
-        thinking: false,
-        policy: ON,
-        prices: None,
-        currency: Currency::Cny,
-        now_ms: now,
-        threshold_ppm: Some(200_000),
-        spend_rules: &[],
-    })
+fn refusal(r: Result<Held>) -> crate::error::Refusal {
+    match r {
+        Err(QuotaError::Refused(r)) => r,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn all_records(g: &Guard) -> Vec<UsageRecord> {
+    g.records(RecordQuery::default()).unwrap()
 }
 
 #[test]
 fn reserve_settle_release_round_trip() {
-    for (l, _d) in backends() {
-        let l = l.as_ref();
-        grant(l, 1000);
-        let r = reserve(l, 600, T0).unwrap();
-        assert_eq!(l.quota("a", "m", T0).unwrap().unwrap().1, 600);
+    for e in engines() {
+        let g = e.granted(1000);
+        let r = reserve(&g, 600, T0).unwrap();
+        assert_eq!(g.quota(MODEL, at(T0)).unwrap().reserved, 600, "{}", e.name);
         assert!(
-            reserve(l, 500, T0).is_ok(),
-            "switch off: admitted as partly paid"
+            reserve(&g, 500, T0).is_ok(),
+            "{}: switch off, admitted as partly paid",
+            e.name
         );
-        let out = settle(l, r.id, 100, 50, T0).unwrap();
-        assert_eq!(out.record.free_tokens, 150);
+        let out = settle(&g, &r, 100, 50, T0);
+        assert_eq!(out.record.free_tokens, 150, "{}", e.name);
         assert!(!out.lease_expired);
-        assert!(
-            matches!(settle(l, r.id, 1, 1, T0), Err(QuotaError::Rejected(_))),
-            "settled twice"
-        );
         assert_eq!(
-            l.release("a", "m", r.id, false, T0).unwrap(),
-            Release::Unknown
+            g.release(&r.0, &r.1, false, at(T0)).unwrap(),
+            Release::Unknown,
+            "{}",
+            e.name
         );
-        assert_eq!(
-            l.records(&RecordQuery {
-                account: "a".into(),
-                ..Default::default()
-            })
-            .unwrap()
-            .len(),
-            1
-        );
+        let records = all_records(&g);
+        assert_eq!(records.len(), 1, "{}", e.name);
+        assert_eq!(records[0], out.record, "{}: the record as stored", e.name);
+        let q = g.quota(MODEL, at(T0)).unwrap();
+        // 150 used; the second call holds as free what the first had left it (400).
+        assert_eq!((q.used, q.reserved), (150, 400), "{}", e.name);
     }
 }
 
 #[test]
 fn free_only_refuses_and_leases_return() {
-    for (l, _d) in backends() {
-        let l = l.as_ref();
-        grant(l, 1000);
-        l.set_free_only(
-            "a",
-            FreeOnlyTarget::Models(&["m".to_string()]),
-            true,
-            ON,
-            T0,
-        )
-        .unwrap();
-        let r = reserve(l, 900, T0).unwrap();
-        let refusal = reserve(l, 200, T0).unwrap_err();
-        assert_eq!(refusal.remaining, 100);
+    for e in engines() {
+        let g = e.granted(1000);
+        g.set_free_only(FreeOnlyTarget::Models(vec![MODEL.into()]), true, at(T0))
+            .unwrap();
+        let r = reserve(&g, 900, T0).unwrap();
+        let refused = refusal(reserve(&g, 200, T0));
+        assert_eq!(
+            (refused.remaining, refused.reason),
+            (100, RefusalReason::Exhausted),
+            "{}",
+            e.name
+        );
         // The process that held `r` died: after the lease its tokens return.
         let later = T0 + 600_000;
-        assert!(reserve(l, 200, later).is_ok());
-        let late = settle(l, r.id, 10, 10, later + 1).unwrap();
-        assert!(late.lease_expired);
-        let stats = l.hourly("a", None, None).unwrap();
-        assert_eq!(stats.iter().map(|h| h.refusals).sum::<u64>(), 1);
+        assert!(reserve(&g, 200, later).is_ok(), "{}", e.name);
+        let late = settle(&g, &r, 10, 10, later + 1);
+        assert!(late.lease_expired, "{}", e.name);
+        let stats = g.stats(None, None).unwrap();
+        assert_eq!(
+            stats.iter().map(|h| h.refusals).sum::<u64>(),
+            1,
+            "{}",
+            e.name
+        );
+        assert_eq!(stats.iter().map(|h| h.calls).sum::<u64>(), 1, "{}", e.name);
+    }
+}
+
+#[test]
+fn a_worst_case_exactly_what_remains_is_admitted() {
+    for e in engines() {
+        let g = e.granted(1000);
+        g.set_free_only(FreeOnlyTarget::Models(vec![MODEL.into()]), true, at(T0))
+            .unwrap();
+        let a = reserve(&g, 400, T0).unwrap();
+        let b = reserve(&g, 600, T0).unwrap();
+        assert_eq!(b.0.free_part, 600, "{}", e.name);
+        assert_eq!(refusal(reserve(&g, 1, T0)).remaining, 0, "{}", e.name);
+        settle(&g, &a, 200, 200, T0);
+        settle(&g, &b, 300, 300, T0);
+        assert_eq!(g.quota(MODEL, at(T0)).unwrap().used, 1000, "{}", e.name);
+    }
+}
+
+#[test]
+fn a_settle_of_exactly_its_worst_case_leaves_other_holds_alone() {
+    // `usage > worst` is an overrun; `usage == worst` is not: such a call draws on its
+    // own hold and may not take tokens another call in flight holds.
+    for e in engines() {
+        let g = e.granted(1000);
+        let a = reserve(&g, 600, T0).unwrap();
+        let b = reserve(&g, 400, T0).unwrap();
+        // Someone else used 300 of the free tokens meanwhile (the console's figure).
+        g.sync(MODEL, "700/1,000", at(T0)).unwrap();
+        let out = settle(&g, &b, 200, 200, T0).record;
+        // 700 left, 600 of it held by `a`: `b` may take 100 only.
+        assert_eq!(
+            (
+                out.free_tokens,
+                out.billable_input_tokens + out.billable_output_tokens
+            ),
+            (100, 300),
+            "{}",
+            e.name
+        );
+        let over = settle(&g, &a, 400, 201, T0).record;
+        // Past its worst case, `a` takes what is left (600), whoever held it.
+        assert_eq!(over.free_tokens, 600, "{}", e.name);
+    }
+}
+
+#[test]
+fn a_settle_at_the_lease_expiry_is_late() {
+    for e in engines() {
+        let g = e.granted(1000);
+        let r = reserve(&g, 100, T0).unwrap();
+        let out = settle(&g, &r, 10, 10, r.0.expires_ms);
+        assert!(
+            out.lease_expired,
+            "{}: expiry is at the lease's end",
+            e.name
+        );
+        let r = reserve(&g, 100, T0).unwrap();
+        let out = settle(&g, &r, 10, 10, r.0.expires_ms - 1);
+        assert!(!out.lease_expired, "{}", e.name);
+    }
+}
+
+#[test]
+fn a_swept_reservation_is_still_recorded() {
+    for e in engines() {
+        let g = e.granted(1000);
+        let r = reserve(&g, 100, T0).unwrap();
+        // Another guard opens the ledger a day later: the reservation is long gone.
+        let day_later = T0 + 2 * DAY_MS;
+        let _ = reserve(&g, 10, day_later).unwrap();
+        let out = settle(&g, &r, 30, 20, day_later);
+        assert!(out.lease_expired, "{}", e.name);
+        assert_eq!(out.record.free_tokens, 50, "{}", e.name);
+        assert_eq!(
+            g.quota(MODEL, at(day_later)).unwrap().used,
+            50,
+            "{}",
+            e.name
+        );
     }
 }
 
 #[test]
 fn alerts_fire_once_and_spend_rules_once_a_day() {
-    for (l, _d) in backends() {
-        let l = l.as_ref();
-        grant(l, 1000);
-        let r = reserve(l, 800, T0).unwrap();
-        let out = settle(l, r.id, 400, 400, T0).unwrap();
+    for e in engines() {
+        let g = e.granted(1000);
+        let r = reserve(&g, 800, T0).unwrap();
+        let out = settle(&g, &r, 400, 400, T0);
         assert_eq!(
-            out.alerts.iter().map(|a| a.kind).collect::<Vec<_>>(),
-            vec![AlertKind::QuotaLow]
+            out.alerts
+                .iter()
+                .map(|a| (a.kind, a.remaining))
+                .collect::<Vec<_>>(),
+            vec![(AlertKind::QuotaLow, 200)],
+            "{}",
+            e.name
         );
-        let r = reserve(l, 100, T0).unwrap();
+        let r = reserve(&g, 100, T0).unwrap();
         assert!(
-            settle(l, r.id, 50, 50, T0).unwrap().alerts.is_empty(),
-            "once"
+            settle(&g, &r, 50, 50, T0).alerts.is_empty(),
+            "{}: once",
+            e.name
         );
-        let r = reserve(l, 100, T0).unwrap();
-        let out = settle(l, r.id, 50, 50, T0).unwrap();
+        // Another guard (another process) on the same account sees it fired.
+        let other = match e.url {
+            LedgerUrl::Memory => e.granted(0), // private: a stand-in that cannot share
+            _ => e.guard(&g.config.account),
+        };
+        let other = if matches!(e.url, LedgerUrl::Memory) {
+            &g
+        } else {
+            &other
+        };
+        let r = reserve(other, 100, T0).unwrap();
+        let out = settle(other, &r, 50, 50, T0);
         assert_eq!(
             out.alerts.iter().map(|a| a.kind).collect::<Vec<_>>(),
-            vec![AlertKind::QuotaDepleted]
+            vec![AlertKind::QuotaDepleted],
+            "{}",
+            e.name
         );
-        let rule = [SpendRule {
+        g.set_spend_rules(vec![SpendRule {
             model: None,
             limit: -1,
-        }];
-        assert_eq!(l.check_spend("a", &rule, T0).unwrap().len(), 1);
-        assert!(l.check_spend("a", &rule, T0 + 1).unwrap().is_empty());
+        }]);
+        assert_eq!(g.check_spend(at(T0)).unwrap().len(), 1, "{}", e.name);
+        assert!(g.check_spend(at(T0 + 1)).unwrap().is_empty(), "{}", e.name);
+        assert!(
+            other.check_spend(at(T0 + 2)).unwrap().is_empty(),
+            "{}",
+            e.name
+        );
+    }
+}
+
+#[test]
+fn an_overrun_takes_what_remained() {
+    for e in engines() {
+        let g = e.granted(1000);
+        let a = reserve(&g, 500, T0).unwrap();
+        let b = reserve(&g, 200, T0).unwrap();
+        let over = settle(&g, &b, 900, 300, T0).record;
+        assert_eq!(
+            (over.free_tokens, over.billable_output_tokens),
+            (1000, 200),
+            "{}",
+            e.name
+        );
+        let late = settle(&g, &a, 300, 200, T0).record;
+        assert_eq!(late.free_tokens, 0, "{}", e.name);
+        assert_eq!(g.quota(MODEL, at(T0)).unwrap().used, 1000, "{}", e.name);
+    }
+}
+
+#[test]
+fn the_switch_counts_reserved_tokens_as_left() {
+    for e in engines() {
+        let g = e.granted(1000);
+        let _held = reserve(&g, 1000, T0).unwrap();
+        let m = vec![MODEL.to_string()];
+        assert_eq!(
+            g.set_free_only(FreeOnlyTarget::Models(m.clone()), true, at(T0))
+                .unwrap(),
+            m,
+            "{}",
+            e.name
+        );
+        assert!(g
+            .set_free_only(FreeOnlyTarget::Models(m), false, at(T0))
+            .is_err());
+    }
+}
+
+#[test]
+fn money_reaches_the_engine_exact() {
+    // Pay-as-you-go past the quota: the cost, the bill and the balance are exact
+    // integers, whatever engine sums them.
+    for e in engines() {
+        let g = e.granted(100);
+        g.update_account(AccountOp::SetBalance(500_000_000_000))
+            .unwrap();
+        let r = g
+            .reserve(MODEL, 100_000, 50_000, Kind::Realtime, false, at(T0))
+            .unwrap();
+        let out = settle(&g, &r, 100_000, 50_000, T0).record;
+        // qwen-max: 2.4 CNY per million input, 9.6 per million output (pico-units).
+        let want = (100_000 - 100) * 2_400_000 + 50_000 * 9_600_000;
+        assert_eq!(out.cost, Some(want), "{}", e.name);
+        let bill = g.bill_month("2025-09").unwrap();
+        assert_eq!(bill.total, i128::from(want), "{}", e.name);
+        let acct = g.account_state().unwrap();
+        assert_eq!(acct.balance, Some(500_000_000_000 - want), "{}", e.name);
+        assert!(acct.overdue, "{}: the balance went below zero", e.name);
+    }
+}
+
+#[test]
+fn a_thinking_call_cut_off_is_settled_as_it_was_held() {
+    // Regression: the worst case of a thinking-mode hold was priced as thinking when
+    // held, and as plain output when a broken stream settled it.
+    for e in engines() {
+        let g = e.granted(0);
+        let r = g
+            .reserve("qwen-plus", 1_000, 1_000, Kind::Realtime, true, at(T0))
+            .unwrap();
+        assert!(r.0.thinking);
+        let out = g
+            .settle_worst_case(&r.0, &r.1, true, at(T0))
+            .unwrap()
+            .record;
+        assert!(out.thinking && out.in_doubt, "{}", e.name);
+        // qwen-plus, first tier: 0.8 per million input, 8 per million thinking output.
+        assert_eq!(
+            out.cost,
+            Some(1_000 * 800_000 + 1_000 * 8_000_000),
+            "{}",
+            e.name
+        );
+    }
+}
+
+#[test]
+fn records_compact_and_bills_stay() {
+    for e in engines() {
+        let g = e.granted(10_000);
+        for i in 0..5 {
+            let r = reserve(&g, 100, T0 + i * 3_600_000).unwrap();
+            settle(&g, &r, 10, 10, T0 + i * 3_600_000);
+        }
+        let bill_before = g.bill_month("2025-09").unwrap();
+        assert_eq!(g.compact(T0 + 2 * 3_600_000).unwrap(), 2, "{}", e.name);
+        assert_eq!(all_records(&g).len(), 3, "{}", e.name);
+        assert_eq!(g.bill_month("2025-09").unwrap(), bill_before, "{}", e.name);
+        assert_eq!(g.stats(Some(MODEL), None).unwrap().len(), 5, "{}", e.name);
+    }
+}
+
+fn redis_engines() -> Vec<Engine> {
+    engines()
+        .into_iter()
+        .filter(|e| matches!(e.url, LedgerUrl::Redis { .. }))
+        .collect()
+}
+
+#[test]
+fn redis_keys_of_an_account_share_one_hash_tag() {
+    assert_eq!(redis::tests_support::prefix("team-a"), "qg:{team-a}:");
+    let odd = redis::tests_support::prefix("x}{y");
+    assert!(
+        odd.starts_with("qg:{") && !odd[4..odd.len() - 2].contains(['{', '}']),
+        "{odd}"
+    );
+}
+
+#[test]
+fn redis_a_settle_cut_between_its_steps_is_recovered_once() {
+    for e in redis_engines() {
+        let g = e.granted(1000);
+        let r = reserve(&g, 100, T0).unwrap();
+        let bare = e.ledger();
+        let req = TakeRequest {
+            account: g.config.account.clone(),
+            model: MODEL.into(),
+            kind: Kind::Realtime,
+            reservation: Some(r.0.id),
+            held_free: r.0.free_part,
+            held_worst: r.0.worst,
+            record_id: fresh_id(),
+            user: "root".into(),
+            workspace: None,
+            request_id: Some("cut".into()),
+            input_tokens: 30,
+            output_tokens: 20,
+            cached_tokens: 0,
+            thinking: false,
+            in_doubt: false,
+            free_region: true,
+            covered: true,
+            now: at(T0),
+        };
+        // The process dies between the token step and the commit.
+        let died = bare.settle(&req, &|_, _| Err(QuotaError::Invalid("killed".into())));
+        assert!(died.is_err(), "{}", e.name);
+        assert_eq!(
+            g.quota(MODEL, at(T0)).unwrap().used,
+            50,
+            "{}: tokens taken",
+            e.name
+        );
+        assert!(all_records(&g).is_empty(), "{}: not yet recorded", e.name);
+        let recovered = g.recover().unwrap();
+        assert_eq!(recovered.len(), 1, "{}", e.name);
+        assert_eq!(recovered[0].record.free_tokens, 50, "{}", e.name);
+        assert!(g.recover().unwrap().is_empty(), "{}: exactly once", e.name);
+        // A replay of the same settle (a spilled one) is recognised too.
+        let again = bare.settle(&req, &|r, t| g.finish(r, t)).unwrap();
+        assert_eq!(again.record.id, req.record_id, "{}", e.name);
+        assert_eq!(all_records(&g).len(), 1, "{}", e.name);
+        assert_eq!(g.quota(MODEL, at(T0)).unwrap().used, 50, "{}", e.name);
     }
 }
 
@@ -161,26 +508,32 @@ fn alerts_fire_once_and_spend_rules_once_a_day() {
 fn sqlite_rejects_newer_schema_and_non_databases() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("l.db");
-    drop(Sqlite::open(&p, Sync::Normal).unwrap());
+    drop(Sqlite::open(&p, Durability::Normal).unwrap());
     let c = rusqlite::Connection::open(&p).unwrap();
     c.execute("INSERT INTO schema_version (version) VALUES (99)", [])
         .unwrap();
     drop(c);
-    let e = Sqlite::open(&p, Sync::Normal).err().unwrap().to_string();
+    let e = Sqlite::open(&p, Durability::Normal)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("schema version 99"), "{e}");
 
     let junk = dir.path().join("junk.db");
     let bytes =
         b"this is not a database, just some text that is long enough to matter........".repeat(20);
     std::fs::write(&junk, &bytes).unwrap();
-    let e = Sqlite::open(&junk, Sync::Normal).err().unwrap().to_string();
+    let e = Sqlite::open(&junk, Durability::Normal)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("junk.db") && e.contains("not a SQLite database"),
         "{e}"
     );
     assert_eq!(std::fs::read(&junk).unwrap(), bytes);
 
-    let e = Sqlite::open(&dir.path().join("missing/x.db"), Sync::Normal)
+    let e = Sqlite::open(&dir.path().join("missing/x.db"), Durability::Normal)
         .err()
         .unwrap()
         .to_string();
@@ -193,7 +546,7 @@ fn sqlite_file_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("l.db");
-    drop(Sqlite::open(&p, Sync::Normal).unwrap());
+    drop(Sqlite::open(&p, Durability::Normal).unwrap());
     assert_eq!(
         std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
         0o600
@@ -201,35 +554,48 @@ fn sqlite_file_is_private() {
 }
 
 #[test]
-fn an_overrun_takes_what_remained() {
-    for (l, _d) in backends() {
-        let l = l.as_ref();
-        grant(l, 1000);
-        let a = reserve(l, 500, T0).unwrap();
-        let b = reserve(l, 200, T0).unwrap();
-        let over = settle(l, b.id, 900, 300, T0).unwrap().record;
-        assert_eq!((over.free_tokens, over.billable_output_tokens), (1000, 200));
-        let late = settle(l, a.id, 300, 200, T0).unwrap().record;
-        assert_eq!(late.free_tokens, 0);
-        let q = l.quota("a", "m", T0).unwrap().unwrap().0;
-        assert_eq!(q.used, 1000);
-    }
-}
-
-#[test]
-fn the_switch_counts_reserved_tokens_as_left() {
-    for (l, _d) in backends() {
-        let l = l.as_ref();
-        grant(l, 1000);
-        let _held = reserve(l, 1000, T0).unwrap();
-        let m = ["m".to_string()];
-        assert_eq!(
-            l.set_free_only("a", FreeOnlyTarget::Models(&m), true, ON, T0)
-                .unwrap(),
-            m
-        );
-        assert!(l
-            .set_free_only("a", FreeOnlyTarget::Models(&m), false, ON, T0)
-            .is_err());
-    }
+fn the_hold_decision_on_plain_numbers() {
+    let q = QuotaRow {
+        total: 1000,
+        used: 400,
+        activated_ms: CUTOVER_MS,
+        valid_days: 90,
+        free_only: false,
+        configured: false,
+    };
+    let s = Snapshot {
+        quota: Some(q),
+        held: 100,
+        overdue: false,
+    };
+    let req = |worst, may_pay| HoldRequest {
+        account: "a",
+        model: "m",
+        kind: Kind::Realtime,
+        thinking: false,
+        input_tokens: 0,
+        worst,
+        free_region: true,
+        covered: true,
+        may_pay,
+        now: at(T0),
+        lease_ms: 1,
+    };
+    assert_eq!(decide_hold(&s, &req(500, false), T0), Some(500));
+    assert_eq!(decide_hold(&s, &req(501, false), T0), None);
+    assert_eq!(decide_hold(&s, &req(501, true), T0), Some(500));
+    let fo = Snapshot {
+        quota: Some(QuotaRow {
+            free_only: true,
+            ..q
+        }),
+        ..s
+    };
+    assert_eq!(decide_hold(&fo, &req(501, true), T0), None);
+    let late = q.expires_ms();
+    assert_eq!(decide_hold(&s, &req(1, false), late), None, "expired");
+    assert_eq!(
+        decide_hold(&Snapshot { overdue: true, ..s }, &req(1, true), T0),
+        None
+    );
 }
