@@ -382,10 +382,18 @@ impl PyQuotaGuard {
         self.run(py, |g| g.set_free_only(target, enabled, now))
     }
 
-    /// R12: set a model's remaining and total from the console's figure, e.g. `"362,917/1,000,000"`.
-    fn sync(&self, py: Python<'_>, model: &str, console_text: &str) -> PyResult<PyQuota> {
+    /// R12: the console's figure, e.g. `"362,917/1,000,000"`: sets the total and lowers the
+    /// remaining, never raising it above the ledger's own (the console lags), unless `force`.
+    #[pyo3(signature = (model, console_text, force=false))]
+    fn sync(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        console_text: &str,
+        force: bool,
+    ) -> PyResult<PyQuota> {
         let now = self.now_ms(py)?;
-        let (q, alerts) = self.run(py, |g| g.sync(model, console_text, now))?;
+        let (q, alerts) = self.run(py, |g| g.sync(model, console_text, force, now))?;
         self.dispatch(py, alerts)?;
         Ok(PyQuota(q))
     }

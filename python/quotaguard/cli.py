@@ -346,7 +346,7 @@ def cmd_free_only(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     guard = _guard(args)
-    q = guard.sync(args.model, args.figure)
+    q = guard.sync(args.model, args.figure, force=args.force)
     print(format_quota(q))
     return 0
 
@@ -543,9 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="MODEL")
     p.add_argument("--all", action="store_true", help="on: every eligible model not yet configured")
 
-    p = command("sync", cmd_sync, "set a model's quota from the console's figure")
+    p = command("sync", cmd_sync, "lower a model's quota to the console's figure")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("figure", metavar="FIGURE", help='remaining/total, e.g. "362,917/1,000,000"')
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="set the figure exactly, even above the ledger's own remaining (the console lags)",
+    )
 
     p = command(
         "prices",

@@ -185,7 +185,7 @@ def _run(
 
     guard.grant(model, tokens=quota)
     if guard.remaining(model) != quota:  # a reused ledger: start the demo full again (R12)
-        guard.sync(model, f"{quota:,}/{quota:,}")
+        guard.sync(model, f"{quota:,}/{quota:,}", force=True)
     guard.set_free_only(model, True)
     alerts: list[str] = []
     guard.on_alert(lambda a: alerts.append(f"  alert: {a}"))

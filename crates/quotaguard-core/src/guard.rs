@@ -399,15 +399,22 @@ impl Guard {
         Ok((self.quota(model, now)?, alerts))
     }
 
-    /// R12: the console's figure; returns the quota and the alerts it crossed.
+    /// R12: the console's figure; lowers the remaining (never raises it above the
+    /// ledger's own) unless `force`. Returns the quota and the alerts it crossed.
     pub fn sync(
         &self,
         model: &str,
         console_text: &str,
+        force: bool,
         now: Now,
     ) -> Result<(QuotaView, Vec<Alert>)> {
         let (remaining, total) = parse_console_figure(console_text)?;
-        self.reconcile(model, Reconcile::Console { remaining, total }, now)
+        let op = Reconcile::Console {
+            remaining,
+            total,
+            force,
+        };
+        self.reconcile(model, op, now)
     }
 
     /// R12: the service answered `AllocationQuota.FreeTierOnly`.

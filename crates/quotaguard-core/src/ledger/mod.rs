@@ -340,8 +340,13 @@ pub enum Release {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reconcile {
-    /// The console's figure (R12).
-    Console { remaining: u64, total: u64 },
+    /// The console's figure (R12): sets the total and lowers the remaining, never
+    /// raising it above the ledger's own figure, unless `force` (set it exactly).
+    Console {
+        remaining: u64,
+        total: u64,
+        force: bool,
+    },
     /// The service answered `AllocationQuota.FreeTierOnly` (R12).
     Depleted,
 }
@@ -551,12 +556,30 @@ pub fn reconciled(old: Option<QuotaRow>, op: Reconcile, now_ms: i64) -> QuotaRow
         configured: false,
     };
     match (op, old) {
-        (Reconcile::Console { remaining, total }, Some(mut q)) => {
+        (
+            Reconcile::Console {
+                remaining,
+                total,
+                force,
+            },
+            Some(mut q),
+        ) => {
+            // The console lags and may show quota that is already gone: only a forced
+            // sync gives tokens back.
+            q.used = if force {
+                total - remaining
+            } else {
+                q.used.max(total - remaining)
+            };
             q.total = total;
-            q.used = total - remaining;
             q
         }
-        (Reconcile::Console { remaining, total }, None) => fresh(total, total - remaining),
+        (
+            Reconcile::Console {
+                remaining, total, ..
+            },
+            None,
+        ) => fresh(total, total - remaining),
         (Reconcile::Depleted, Some(mut q)) => {
             q.used = q.total;
             q

@@ -289,7 +289,7 @@ if op == 'grant' then
 end
 
 if op == 'reconcile' then
-  -- model, then "set" total used, or "deplete"; a missing row is created from the
+  -- model, then "force" or "lower" with total and used, or "deplete"; a missing row is created from the
   -- defaults the library sends (activated, days, expires).
   local model = ARGV[4]
   local key = p .. 'q:' .. model
@@ -298,8 +298,12 @@ if op == 'reconcile' then
       'exp', ARGV[10], 'fo', 0, 'cfg', 0)
     redis.call('SADD', p .. 'models', model)
   end
-  if ARGV[5] == 'set' then
+  if ARGV[5] == 'force' then
     redis.call('HSET', key, 'total', ARGV[6], 'used', ARGV[7])
+  elseif ARGV[5] == 'lower' then
+    -- used only grows: a lagging console figure never gives tokens back
+    local used = math.max(num(redis.call('HGET', key, 'used')), tonumber(ARGV[7]))
+    redis.call('HSET', key, 'total', ARGV[6], 'used', used)
   else
     redis.call('HSET', key, 'used', redis.call('HGET', key, 'total'))
   end

@@ -840,8 +840,12 @@ impl Ledger for Redis {
     fn reconcile(&self, account: &str, model: &str, op: Reconcile, now: Now) -> Result<QuotaRow> {
         let mut args = vec![model.to_string()];
         match op {
-            Reconcile::Console { remaining, total } => args.extend([
-                "set".into(),
+            Reconcile::Console {
+                remaining,
+                total,
+                force,
+            } => args.extend([
+                if force { "force" } else { "lower" }.into(),
                 total.to_string(),
                 (total - remaining).to_string(),
             ]),

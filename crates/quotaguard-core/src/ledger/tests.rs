@@ -229,7 +229,7 @@ fn a_settle_of_exactly_its_worst_case_leaves_other_holds_alone() {
         let a = reserve(&g, 600, T0).unwrap();
         let b = reserve(&g, 400, T0).unwrap();
         // Someone else used 300 of the free tokens meanwhile (the console's figure).
-        g.sync(MODEL, "700/1,000", at(T0)).unwrap();
+        g.sync(MODEL, "700/1,000", false, at(T0)).unwrap();
         let out = settle(&g, &b, 200, 200, T0).record;
         // 700 left, 600 of it held by `a`: `b` may take 100 only.
         assert_eq!(
@@ -334,6 +334,32 @@ fn alerts_fire_once_and_spend_rules_once_a_day() {
             "{}",
             e.name
         );
+    }
+}
+
+#[test]
+fn a_console_figure_lowers_and_only_a_forced_one_raises() {
+    for e in engines() {
+        let g = e.granted(1_000);
+        let r = reserve(&g, 100, T0).unwrap();
+        settle(&g, &r, 50, 50, T0);
+        let q = g.sync(MODEL, "600/1,000", false, at(T0)).unwrap().0;
+        assert_eq!((q.used, q.total), (400, 1_000), "{}", e.name);
+        let q = g.sync(MODEL, "950/1,000", false, at(T0)).unwrap().0;
+        assert_eq!(
+            q.used, 400,
+            "{}: a lagging figure gives nothing back",
+            e.name
+        );
+        let q = g.sync(MODEL, "1,950/2,000", false, at(T0)).unwrap().0;
+        assert_eq!(
+            (q.used, q.total),
+            (400, 2_000),
+            "{}: the total is set",
+            e.name
+        );
+        let q = g.sync(MODEL, "950/1,000", true, at(T0)).unwrap().0;
+        assert_eq!((q.used, q.total), (50, 1_000), "{}: forced", e.name);
     }
 }
 
