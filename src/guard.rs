@@ -16,12 +16,10 @@ use crate::errors::{type_error, LeaseExpiredWarning, PyQuotaError, QuotaGuardErr
 use crate::types::{PyAlert, PyBill, PyHourStats, PyQuota, PyUsageRecord};
 use quotaguard_core::catalog::{Catalog, Site};
 use quotaguard_core::clock::{cst_day, month_of, system_now_ms};
-use quotaguard_core::config;
+use quotaguard_core::config::{self, SpendRule};
 use quotaguard_core::error::Result as QResult;
 use quotaguard_core::guard::{BudgetHold, Config, FreeOnlyTarget, Guard};
-use quotaguard_core::ledger::{
-    self, AccountOp, Alert, Now, RecordQuery, ReservationRow, SpendRule,
-};
+use quotaguard_core::ledger::{self, AccountOp, Alert, Now, RecordQuery, ReservationRow};
 use quotaguard_core::money::to_decimal;
 use quotaguard_core::rules::{CostType, Kind};
 use quotaguard_core::tokens::{self, ChatMessage, Vocabulary};
@@ -166,24 +164,12 @@ fn spend_rules(obj: &Bound<'_, PyAny>) -> PyResult<Vec<SpendRule>> {
                 Some(k.extract()?)
             };
             let limit = amount(&v, "daily_spend_alert amount")?;
-            if limit < 0 {
-                return Err(PyValueError::new_err(format!(
-                    "daily_spend_alert amount {} is negative",
-                    to_decimal(limit)
-                )));
-            }
-            out.push(SpendRule { model, limit });
+            out.push(q(SpendRule::new(model, limit, "daily_spend_alert amount"))?);
         }
         return Ok(out);
     }
     let limit = amount(obj, "daily_spend_alert")?;
-    if limit < 0 {
-        return Err(PyValueError::new_err(format!(
-            "daily_spend_alert {} is negative",
-            to_decimal(limit)
-        )));
-    }
-    Ok(vec![SpendRule { model: None, limit }])
+    Ok(vec![q(SpendRule::new(None, limit, "daily_spend_alert"))?])
 }
 
 fn text_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {

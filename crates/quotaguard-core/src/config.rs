@@ -267,6 +267,28 @@ pub fn threshold_ppm(fraction: f64) -> Result<u32> {
     Ok((fraction * 1_000_000.0).round() as u32)
 }
 
+/// A high-spending rule (R10): alert when the previous CST day's bill exceeds `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendRule {
+    /// `None`: the whole account.
+    pub model: Option<String>,
+    /// pico-units of the account's currency.
+    pub limit: i64,
+}
+
+impl SpendRule {
+    /// A rule; `what` names the setting in the message about a negative amount.
+    pub fn new(model: Option<String>, limit: i64, what: &str) -> Result<Self> {
+        if limit < 0 {
+            return Err(invalid(format!(
+                "{what} {} is negative",
+                crate::money::to_decimal(limit)
+            )));
+        }
+        Ok(Self { model, limit })
+    }
+}
+
 /// The longest lease quotaguard accepts: a week.
 pub const MAX_LEASE_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
 

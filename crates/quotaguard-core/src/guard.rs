@@ -9,11 +9,12 @@ use parking_lot::Mutex;
 
 use crate::catalog::{check_region, Catalog, Site};
 use crate::clock::{cst_day, parse_day, parse_month};
+use crate::config::SpendRule;
 use crate::error::{invalid, thousands, QuotaError, Result};
 use crate::ledger::{
     fresh_id, marks_reached, AccountOp, AccountRow, Alert, AlertMark, Commit, GrantArgs, Hold,
     HoldRequest, HourRow, Ledger, Now, Reconcile, RecordQuery, Release, ReservationRow, Settled,
-    SpendRule, TakeRequest, Taken, UsageRecord,
+    TakeRequest, Taken, UsageRecord,
 };
 use crate::money::{Billable, Currency, PriceTable};
 use crate::quota::{format_console_figure, parse_console_figure, validity_days, QuotaRow};

@@ -127,14 +127,6 @@ pub struct Alert {
     pub time_ms: i64,
 }
 
-/// A high-spending rule: alert when the previous CST day's bill exceeds `limit`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpendRule {
-    /// `None`: the whole account.
-    pub model: Option<String>,
-    pub limit: i64,
-}
-
 pub struct GrantArgs<'a> {
     pub account: &'a str,
     pub model: &'a str,

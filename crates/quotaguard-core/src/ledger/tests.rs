@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::catalog::{Catalog, Site};
-use crate::config::LedgerUrl;
+use crate::config::{LedgerUrl, SpendRule};
 use crate::error::RefusalReason;
 use crate::guard::{BudgetHold, Config, FreeOnlyTarget, Guard};
 use crate::ledger::sqlite::{Durability, Sqlite};
