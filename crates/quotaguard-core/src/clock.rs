@@ -7,6 +7,8 @@ use crate::error::{invalid, Result};
 pub const HOUR_MS: i64 = 3_600_000;
 pub const DAY_MS: i64 = 24 * HOUR_MS;
 const CST_OFFSET_SECS: i32 = 8 * 3600;
+/// China Standard Time's offset from UTC, in milliseconds.
+pub const CST_OFFSET_MS: i64 = CST_OFFSET_SECS as i64 * 1000;
 
 pub fn cst() -> FixedOffset {
     FixedOffset::east_opt(CST_OFFSET_SECS).expect("UTC+8 is a valid offset")

@@ -8,7 +8,7 @@ use chrono::NaiveDate;
 use parking_lot::Mutex;
 
 use crate::catalog::{check_region, Catalog, Site};
-use crate::clock::{cst_day, parse_day, parse_month};
+use crate::clock::{cst_day, parse_day, parse_month, DAY_MS};
 use crate::config::SpendRule;
 use crate::error::{invalid, thousands, QuotaError, Result};
 use crate::ledger::{
@@ -352,50 +352,40 @@ impl Guard {
     }
 
     /// The quota alerts of a model's grant as marks (R10): `quota_low` at the threshold,
-    /// `quota_depleted` at zero, keyed so that each fires once per grant across every
-    /// process. They depend on the grant (total, activation, expiry), not on what is left.
-    pub fn alert_marks(&self, model: &str, q: &QuotaRow, now_ms: i64) -> Vec<AlertMark> {
+    /// `quota_depleted` at zero, each once per grant across every process. They depend
+    /// on the grant (total, activation, expiry), not on what is left.
+    pub fn alert_marks(&self, q: &QuotaRow, now_ms: i64) -> Vec<AlertMark> {
         if q.expired(now_ms) || q.total == 0 {
             return Vec::new();
         }
         let ppm = self.threshold_ppm();
-        let alert = |kind| Alert {
+        let mark = |kind, at_or_below| AlertMark {
             kind,
-            model: Some(model.to_string()),
-            remaining: 0,
+            at_or_below,
             total: q.total,
+            activated_ms: q.activated_ms,
             threshold_ppm: ppm,
-            amount: None,
-            limit: None,
-            day: None,
-            time_ms: now_ms,
         };
-        let mut marks = Vec::new();
+        let mut marks = Vec::with_capacity(2);
         if let Some(ppm) = ppm {
-            marks.push(AlertMark {
-                key: format!("quota_low:{model}:{}:{ppm}", q.activated_ms),
-                at_or_below: rules::low_mark(q.total, ppm),
-                alert: alert(AlertKind::QuotaLow),
-            });
+            marks.push(mark(AlertKind::QuotaLow, rules::low_mark(q.total, ppm)));
         }
-        marks.push(AlertMark {
-            key: format!("quota_depleted:{model}:{}", q.activated_ms),
-            at_or_below: 0,
-            alert: alert(AlertKind::QuotaDepleted),
-        });
+        marks.push(mark(AlertKind::QuotaDepleted, 0));
         marks
     }
 
     fn reconcile(&self, model: &str, op: Reconcile, now: Now) -> Result<(QuotaView, Vec<Alert>)> {
         Self::check_model(model)?;
         let q = self.ledger.reconcile(self.account(), model, op, now)?;
-        let marks = marks_reached(self.alert_marks(model, &q, now.ms()), q.left());
-        let keys: Vec<String> = marks.iter().map(|m| m.key.clone()).collect();
+        let marks = self.alert_marks(&q, now.ms());
+        let reached: Vec<&AlertMark> = marks_reached(&marks, q.left()).collect();
+        let keys: Vec<String> = reached.iter().map(|m| m.key(model)).collect();
         let fired = self.ledger.fire_once(self.account(), &keys, now.ms())?;
-        let alerts = marks
+        let alerts = reached
             .into_iter()
             .zip(fired)
-            .filter_map(|(m, f)| f.then_some(m.alert))
+            .filter(|(_, f)| *f)
+            .map(|(m, _)| m.alert(model, q.left(), now.ms()))
             .collect();
         Ok((self.quota(model, now)?, alerts))
     }
@@ -660,7 +650,7 @@ impl Guard {
             in_doubt: r.in_doubt,
         };
         let marks = match &t.quota {
-            Some(q) => self.alert_marks(&r.model, q, t.time_ms),
+            Some(q) => self.alert_marks(q, t.time_ms),
             None => Vec::new(),
         };
         Ok(Commit { record, marks })
@@ -712,7 +702,7 @@ impl Guard {
             Some((input_tokens + output_tokens, out.record.cost.unwrap_or(0))),
         );
         // R10: the high-spending rules, on the first settle of a new CST day.
-        let day = cst_day(out.record.time_ms).to_epoch_days() as i64;
+        let day = (out.record.time_ms + crate::clock::CST_OFFSET_MS).div_euclid(DAY_MS);
         if self.spend_day.swap(day, Ordering::Relaxed) != day {
             out.alerts.extend(self.check_spend(now)?);
         }

@@ -282,14 +282,46 @@ pub fn decide_take(
     free_left(&s, r.free_region, now_ms).min(r.input_tokens + r.output_tokens)
 }
 
-/// A quota alert as a plain number (R10): fire `key`, once across every process, when
-/// the model's remaining free tokens are at or below `at_or_below` after the step.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A quota alert as a plain number (R10): it fires, once across every process, when
+/// the model's remaining free tokens are at or below `at_or_below` after the step. Its
+/// key and its alert are built only when it is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AlertMark {
-    pub key: String,
+    pub kind: AlertKind,
     pub at_or_below: u64,
-    /// The alert to report when it fires; its `remaining` is set from the step.
-    pub alert: Alert,
+    /// The grant the mark belongs to: a new grant alerts afresh.
+    pub total: u64,
+    pub activated_ms: i64,
+    pub threshold_ppm: Option<u32>,
+}
+
+impl AlertMark {
+    /// The key the ledger records the alert under.
+    pub fn key(&self, model: &str) -> String {
+        match self.kind {
+            AlertKind::QuotaLow => format!(
+                "quota_low:{model}:{}:{}",
+                self.activated_ms,
+                self.threshold_ppm.unwrap_or(0)
+            ),
+            kind => format!("{}:{model}:{}", kind.as_str(), self.activated_ms),
+        }
+    }
+
+    /// The alert, with the remaining figure the step left.
+    pub fn alert(&self, model: &str, remaining: u64, time_ms: i64) -> Alert {
+        Alert {
+            kind: self.kind,
+            model: Some(model.to_string()),
+            remaining,
+            total: self.total,
+            threshold_ppm: self.threshold_ppm,
+            amount: None,
+            limit: None,
+            day: None,
+            time_ms,
+        }
+    }
 }
 
 /// The money and alerts of a settle, computed in Rust from what the token step took,
@@ -300,16 +332,9 @@ pub struct Commit {
     pub marks: Vec<AlertMark>,
 }
 
-/// The marks that fire at `left` free tokens remaining, with that figure in their alerts.
-pub fn marks_reached(marks: Vec<AlertMark>, left: u64) -> Vec<AlertMark> {
-    marks
-        .into_iter()
-        .filter(|m| left <= m.at_or_below)
-        .map(|mut m| {
-            m.alert.remaining = left;
-            m
-        })
-        .collect()
+/// The marks reached at `left` free tokens remaining.
+pub fn marks_reached(marks: &[AlertMark], left: u64) -> impl Iterator<Item = &AlertMark> {
+    marks.iter().filter(move |m| left <= m.at_or_below)
 }
 
 /// A settled call: its record, and the alerts that fired with it.
@@ -716,9 +741,9 @@ impl<B: Backend> Ledger for Local<B> {
             let mut c = finish(r, &taken)?;
             let left = quota.map_or(0, |q| q.left());
             let mut alerts = Vec::new();
-            for m in marks_reached(std::mem::take(&mut c.marks), left) {
-                if tx.fire_once(acct, &m.key, now)? {
-                    alerts.push(m.alert);
+            for m in marks_reached(&c.marks, left) {
+                if tx.fire_once(acct, &m.key(model), now)? {
+                    alerts.push(m.alert(model, left, now));
                 }
             }
             tx.append_record(&mut c.record)?;

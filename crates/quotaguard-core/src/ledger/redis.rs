@@ -206,23 +206,20 @@ fn commit_block(args: &mut Vec<String>, c: &super::Commit, r: &TakeRequest) -> R
     args.push(rec.currency.code().to_string());
     args.push(c.marks.len().to_string());
     for m in &c.marks {
-        args.push(m.key.clone());
+        args.push(m.key(&r.model));
         args.push(m.at_or_below.to_string());
     }
     Ok(())
 }
 
 /// The alerts of a commit whose reply named the keys that fired.
-fn fired(c: super::Commit, reply: &[Value]) -> Vec<super::Alert> {
+fn fired(c: &super::Commit, model: &str, reply: &[Value]) -> Vec<super::Alert> {
     let left = reply.get(1).map_or(0, count);
     let keys: Vec<String> = reply.iter().skip(2).map(text).collect();
     c.marks
-        .into_iter()
-        .filter(|m| keys.contains(&m.key))
-        .map(|mut m| {
-            m.alert.remaining = left;
-            m.alert
-        })
+        .iter()
+        .filter(|m| keys.contains(&m.key(model)))
+        .map(|m| m.alert(model, left, c.record.time_ms))
         .collect()
 }
 
@@ -481,11 +478,11 @@ impl Redis {
                     q.used = q.total.saturating_sub(reply.get(1).map_or(0, count));
                     self.see(acct, &r.model, Some(q));
                 }
-                let record = c.record.clone();
+                let alerts = fired(&c, &r.model, &reply);
                 Ok(Settled {
-                    record,
+                    record: c.record,
                     lease_expired: false,
-                    alerts: fired(c, &reply),
+                    alerts,
                 })
             }
             Some("TAKEN") => {
@@ -520,10 +517,11 @@ impl Redis {
             // Committed by a recovery meanwhile: the record stands as it wrote it.
             return self.find_record(r);
         }
+        let alerts = fired(&c, &r.model, &reply);
         Ok(Settled {
-            record: c.record.clone(),
+            record: c.record,
             lease_expired: t.lease_expired,
-            alerts: fired(c, &reply),
+            alerts,
         })
     }
 
