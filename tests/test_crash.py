@@ -28,18 +28,24 @@ CHILD = """
 import random, sys, time
 import quotaguard as qg
 
+def say(*parts):
+    # One write per line: under PYTHONUNBUFFERED print() writes its pieces one by one,
+    # and a kill between them would leave half a line.
+    sys.stdout.write(" ".join(map(str, parts)) + "\\n")
+    sys.stdout.flush()
+
 path, seed, hold, lease, hold_after = sys.argv[1:6]
 rng = random.Random(int(seed))
 guard = qg.QuotaGuard(path, user="child", lease_seconds=float(lease))
-print("READY", flush=True)
+say("READY")
 calls = 0
 while True:
     r = guard.reserve("qwen-max", 100, 200)
     if calls >= int(hold_after) and rng.random() < 0.1:
-        print("RESERVED", r.id, flush=True)
+        say("RESERVED", r.id)
         time.sleep(float(hold))
     rec = r.settle(rng.randint(0, 100), rng.randint(0, 200), request_id=f"req-{r.id}")
-    print("ACK", rec.id, flush=True)
+    say("ACK", rec.id)
     calls += 1
 """
 
@@ -74,7 +80,10 @@ class Child:
 
     def read(self) -> str:
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
+        raw = self.proc.stdout.readline()
+        if not raw.endswith("\n"):
+            return ""  # the end of the pipe, or half a line cut by the kill: not said
+        line = raw.strip()
         if line.startswith("ACK "):
             self.acked.append(int(line.split()[1]))
         elif line.startswith("RESERVED "):
