@@ -19,8 +19,45 @@ pub fn system_now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
+/// The earliest time quotaguard stores: 2015-01-01T00:00:00Z.
+pub const MIN_TIME_MS: i64 = 1_420_070_400_000;
+/// The first time quotaguard no longer stores: 2100-01-01T00:00:00Z.
+pub const MAX_TIME_MS: i64 = 4_102_444_800_000;
+/// The span every reader can show: 0001-01-02T00:00:00Z..=9999-12-30T23:59:59.999Z, what a
+/// Python `datetime` holds with a day to spare for any time zone's offset.
+pub const SHOWN_MIN_MS: i64 = -62_135_510_400_000;
+pub const SHOWN_MAX_MS: i64 = 253_402_214_399_999;
+
+/// Why a time is out of range, when the likely reason is milliseconds given as seconds.
+pub fn milliseconds_hint(ms: i64) -> &'static str {
+    if (MIN_TIME_MS..MAX_TIME_MS).contains(&(ms / 1000)) {
+        "; it looks like milliseconds: epoch times are in seconds (time.time(), not time.time() * 1000)"
+    } else {
+        "; epoch times are in seconds"
+    }
+}
+
+/// An instant quotaguard stores (an activation, a call's time, a compaction point),
+/// checked to fall in 2015..2100: a time outside it is a mistake (most often
+/// milliseconds given as seconds), and would poison every reader of the ledger.
+pub fn check_time(what: &str, ms: i64) -> Result<i64> {
+    if (MIN_TIME_MS..MAX_TIME_MS).contains(&ms) {
+        return Ok(ms);
+    }
+    let shown = match Utc.timestamp_millis_opt(ms).single() {
+        Some(t) => format!("year {}", t.year()),
+        None => format!("{} s from the epoch", ms / 1000),
+    };
+    Err(invalid(format!(
+        "{what} ({shown}) is outside 2015..2100{}",
+        milliseconds_hint(ms)
+    )))
+}
+
+/// An instant as a UTC datetime, clamped to the years every reader can show (1..9999):
+/// a row written by mistake far in the future still reads, it never breaks a view.
 pub fn to_utc(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms)
+    Utc.timestamp_millis_opt(ms.clamp(SHOWN_MIN_MS, SHOWN_MAX_MS))
         .single()
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
@@ -45,7 +82,7 @@ pub fn cst_day_start(day: NaiveDate) -> i64 {
 
 /// The start of the hour an instant falls in (CST hours align with UTC hours).
 pub fn hour_start(ms: i64) -> i64 {
-    ms.div_euclid(HOUR_MS) * HOUR_MS
+    ms.div_euclid(HOUR_MS).saturating_mul(HOUR_MS)
 }
 
 /// `"2026-11"` -> the first and one-past-last CST days of that month.
@@ -126,6 +163,38 @@ mod tests {
             let e = parse_month(bad).unwrap_err().to_string();
             assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
+    }
+
+    #[test]
+    fn stored_times_fall_in_2015_to_2100() {
+        let now = parse_instant("2026-01-10T12:00:00+08:00").unwrap();
+        assert_eq!(check_time("activated_at", now).unwrap(), now);
+        assert_eq!(check_time("t", MIN_TIME_MS).unwrap(), MIN_TIME_MS);
+        assert!(check_time("t", MAX_TIME_MS).is_err());
+        assert!(check_time("t", MIN_TIME_MS - 1).is_err());
+        // Milliseconds given as seconds: the message says so.
+        let e = check_time("activated_at", now * 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("activated_at") && e.contains("milliseconds"),
+            "{e}"
+        );
+        assert!(e.contains("year 57"), "{e}");
+        for ms in [i64::MIN, i64::MAX, -1, 0] {
+            assert!(check_time("t", ms).is_err(), "{ms}");
+        }
+    }
+
+    #[test]
+    fn every_instant_reads_as_a_showable_datetime() {
+        assert_eq!(to_utc(i64::MAX).timestamp_millis(), SHOWN_MAX_MS);
+        assert_eq!(to_utc(i64::MIN).timestamp_millis(), SHOWN_MIN_MS);
+        assert_eq!(to_utc(i64::MAX).year(), 9999);
+        assert_eq!(to_utc(i64::MIN).year(), 1);
+        // A day to spare: shown in any time zone, it stays in years 1..9999.
+        assert_eq!(to_cst(i64::MAX).year(), 9999);
+        assert_eq!(to_utc(0).timestamp_millis(), 0);
     }
 
     #[test]

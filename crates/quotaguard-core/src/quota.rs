@@ -1,6 +1,7 @@
 //! A model's free quota: grants and validity (R3), the console figure (R12).
 use crate::clock::DAY_MS;
 use crate::error::{invalid, thousands, Result};
+use crate::guard::MAX_TOKENS;
 
 /// 2025-09-08 11:00 CST (03:00 UTC): quota activated from then on is valid 90 days.
 pub const CUTOVER_MS: i64 = 1_757_300_400_000;
@@ -22,7 +23,9 @@ pub struct QuotaRow {
 
 impl QuotaRow {
     pub fn expires_ms(&self) -> i64 {
-        self.activated_ms + self.valid_days as i64 * DAY_MS
+        // Saturating: a row written by mistake far in the future still reads.
+        self.activated_ms
+            .saturating_add(i64::from(self.valid_days).saturating_mul(DAY_MS))
     }
 
     pub fn expired(&self, now_ms: i64) -> bool {
@@ -73,9 +76,15 @@ pub fn parse_console_figure(text: &str) -> Result<(u64, u64)> {
         if !grouped_ok || !p.chars().all(|c| c.is_ascii_digit() || c == ',') {
             return Err(bad("is not two whole numbers"));
         }
-        p.replace(',', "")
-            .parse::<u64>()
-            .map_err(|_| bad("is too large"))
+        let n = p.replace(',', "");
+        // Digits only by now: a number that does not fit is merely large.
+        match n.parse::<u64>() {
+            Ok(v) if v <= MAX_TOKENS => Ok(v),
+            _ => Err(bad(&format!(
+                "is too large (at most {} tokens)",
+                thousands(MAX_TOKENS)
+            ))),
+        }
     };
     let (remaining, total) = (number(rem)?, number(tot)?);
     if remaining > total {
@@ -140,6 +149,49 @@ mod tests {
             format_console_figure(362_917, 1_000_000),
             "362,917/1,000,000"
         );
+        // Nothing used yet: remaining equal to total, both ways.
+        assert_eq!(
+            format_console_figure(1_000_000, 1_000_000),
+            "1,000,000/1,000,000"
+        );
+        assert_eq!(
+            parse_console_figure("1,000,000/1,000,000").unwrap(),
+            (1_000_000, 1_000_000)
+        );
+        assert_eq!(format_console_figure(0, 0), "0/0");
+        assert_eq!(format_console_figure(999, 1_000), "999/1,000");
+    }
+
+    #[test]
+    fn console_figures_stop_at_the_stated_maximum() {
+        let max = thousands(MAX_TOKENS);
+        assert_eq!(
+            parse_console_figure(&format!("{max}/{max}")).unwrap(),
+            (MAX_TOKENS, MAX_TOKENS)
+        );
+        for bad in [
+            "1/1,000,000,001".to_string(),
+            "0/9,223,372,036,854,775,808".into(),
+            "18,446,744,073,709,551,615/18,446,744,073,709,551,615".into(),
+            "1/99999999999999999999999999".into(),
+        ] {
+            let e = parse_console_figure(&bad).unwrap_err().to_string();
+            assert!(e.contains("too large") && e.contains(&bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_quota_far_in_the_future_still_reads() {
+        let q = QuotaRow {
+            total: 10,
+            used: 0,
+            activated_ms: i64::MAX - 5,
+            valid_days: 90,
+            free_only: false,
+            configured: false,
+        };
+        assert_eq!(q.expires_ms(), i64::MAX);
+        assert!(!q.expired(0));
     }
 
     #[test]
