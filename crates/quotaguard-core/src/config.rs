@@ -47,6 +47,12 @@ impl LedgerUrl {
         if text.trim().is_empty() {
             return Err(invalid(format!("ledger {text:?} is empty")));
         }
+        if text.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "ledger {} contains a control character",
+                shown(text)
+            )));
+        }
         if text == "memory://" || text == ":memory:" {
             return Ok(Self::Memory);
         }
@@ -60,6 +66,14 @@ impl LedgerUrl {
             if lower.starts_with(prefix) {
                 return Self::parse_redis(text, &text[prefix.len()..], cluster, tls);
             }
+        }
+        if lower.starts_with("file:") {
+            // SQLite would read it as a URI, and the file opened would not be the one named.
+            return Err(invalid(format!(
+                "ledger {} is a file: URI, which quotaguard does not read: give the path itself \
+                 or sqlite:///abs/path.db",
+                shown(text)
+            )));
         }
         let (rest, query) = match text.split_once('?') {
             Some((a, b)) if lower.starts_with("sqlite://") => (a, Some(b)),
@@ -209,6 +223,52 @@ pub fn redacted(url: &str) -> String {
         None => out.push_str(tail),
     }
     out
+}
+
+/// Every URL inside a free text (an error message, a client's complaint) with its
+/// password hidden, as [`redacted`] hides it.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let scheme_start = rest[..i]
+            .char_indices()
+            .rev()
+            .find(|(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))
+            .map_or(0, |(j, c)| j + c.len_utf8());
+        let end = rest[i..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`'))
+            .map_or(rest.len(), |j| i + j);
+        out.push_str(&rest[..scheme_start]);
+        out.push_str(&redacted(&rest[scheme_start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The longest account, user, workspace or model name quotaguard stores.
+pub const MAX_NAME_CHARS: usize = 256;
+
+/// An account, user, workspace or model name as stored in every row: not blank, no
+/// control character, at most [`MAX_NAME_CHARS`] characters.
+pub fn check_name(what: &str, value: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(invalid(format!("{what} {value:?} is empty")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "{what} {value:?} contains a control character"
+        )));
+    }
+    let n = value.chars().count();
+    if n > MAX_NAME_CHARS {
+        let head: String = value.chars().take(40).collect();
+        return Err(invalid(format!(
+            "{what} {head:?}… is {n} characters long (at most {MAX_NAME_CHARS})"
+        )));
+    }
+    Ok(())
 }
 
 /// The default ledger file: `$HOME/.quotaguard/ledger.db`.
@@ -398,6 +458,77 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn paths_are_taken_as_written() {
+        for (text, path) in [
+            ("x.db ", "x.db "),
+            (" x.db", " x.db"),
+            ("odd?name.db", "odd?name.db"),
+            ("a?b?synchronous=full", "a?b"),
+            ("sqlite:///tmp/a b.db", "/tmp/a b.db"),
+        ] {
+            match LedgerUrl::parse(text).unwrap() {
+                LedgerUrl::Sqlite { path: p, .. } => assert_eq!(p, PathBuf::from(path), "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        for bad in [
+            "\u{1}\u{2}",
+            "led\nger.db",
+            "x\0.db",
+            "a\tb",
+            "sqlite:///tmp/\u{7f}.db",
+        ] {
+            let e = LedgerUrl::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("control character"), "{bad:?}: {e}");
+            assert!(!e.chars().any(char::is_control), "{bad:?}: {e}");
+        }
+        for uri in ["file:x.db", "FILE:///tmp/x.db", "file:x.db?mode=ro"] {
+            let e = LedgerUrl::parse(uri).unwrap_err().to_string();
+            assert!(e.contains("file: URI") && e.contains(uri), "{e}");
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in [
+            "default",
+            "alice",
+            "王",
+            "ws-1 (eval)",
+            &"a".repeat(MAX_NAME_CHARS),
+        ] {
+            check_name("account", good).unwrap();
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("   ", "empty"),
+            ("\0", "control"),
+            ("a\nb", "control"),
+            ("\u{1b}[31m", "control"),
+            (&"a".repeat(MAX_NAME_CHARS + 1) as &str, "257 characters"),
+        ] {
+            let e = check_name("account", bad).unwrap_err().to_string();
+            assert!(e.starts_with("account ") && e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_hidden_inside_messages() {
+        let msg = "cannot reach Redis://:hunter2@h:1/0 (or postgres://u:pw2@db/x): \
+                   'rediss://tok3n@h:2' refused";
+        let out = redact_text(msg);
+        for secret in ["hunter2", "pw2", "tok3n"] {
+            assert!(!out.contains(secret), "{out}");
+        }
+        assert!(out.contains("Redis://:***@h:1/0"), "{out}");
+        assert!(out.contains("postgres://u:***@db/x)"), "{out}");
+        assert_eq!(redact_text("no url here"), "no url here");
+        for odd in ["://@", "é://a:b@c", "x://", "://://:p@q"] {
+            assert!(!redact_text(odd).contains(":b@"), "{odd}");
+        }
     }
 
     #[test]
