@@ -102,6 +102,10 @@ pub enum QuotaError {
     /// The ledger could not be read or written (Python `LedgerError`).
     #[error("ledger {ledger}: {message}")]
     Ledger { ledger: String, message: String },
+    /// A wait was cut short by the caller (Ctrl-C: Python `KeyboardInterrupt`); nothing
+    /// was recorded.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 pub type Result<T> = std::result::Result<T, QuotaError>;

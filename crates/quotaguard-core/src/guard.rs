@@ -8,8 +8,8 @@ use chrono::NaiveDate;
 use parking_lot::Mutex;
 
 use crate::catalog::{check_region, Catalog, Site};
-use crate::clock::{cst_day, parse_day, parse_month, DAY_MS};
-use crate::config::SpendRule;
+use crate::clock::{check_time, cst_day, parse_day, parse_month, DAY_MS};
+use crate::config::{check_name, SpendRule};
 use crate::error::{invalid, thousands, QuotaError, Result};
 use crate::ledger::{
     fresh_id, marks_reached, AccountOp, AccountRow, Alert, AlertMark, Commit, GrantArgs, Hold,
@@ -20,7 +20,8 @@ use crate::money::{Billable, Currency, PriceTable};
 use crate::quota::{format_console_figure, parse_console_figure, validity_days, QuotaRow};
 use crate::rules::{self, Admission, AlertKind, CostType, Kind, Policy};
 
-/// The largest token count quotaguard accepts for one call.
+/// The largest token count quotaguard accepts: for one call, and for a quota (a grant
+/// or a console figure).
 pub const MAX_TOKENS: u64 = 1_000_000_000;
 
 pub fn check_tokens(what: &str, n: i128) -> Result<u64> {
@@ -51,11 +52,10 @@ pub struct Config {
 
 impl Config {
     pub fn validate(&self) -> Result<()> {
-        if self.account.is_empty() {
-            return Err(invalid("account \"\" is empty"));
-        }
-        if self.user.is_empty() {
-            return Err(invalid("user \"\" is empty"));
+        check_name("account", &self.account)?;
+        check_name("user", &self.user)?;
+        if let Some(w) = &self.workspace {
+            check_name("workspace", w)?;
         }
         check_region(&self.region)?;
         crate::config::lease_ms(self.lease_ms as f64 / 1000.0)?;
@@ -203,10 +203,7 @@ impl Guard {
     }
 
     fn check_model(model: &str) -> Result<()> {
-        if model.trim().is_empty() {
-            return Err(invalid(format!("model {model:?} is empty")));
-        }
-        Ok(())
+        check_name("model", model)
     }
 
     pub fn threshold_ppm(&self) -> Option<u32> {
@@ -249,7 +246,7 @@ impl Guard {
                 )))
             }
         };
-        let activated = activated_ms.unwrap_or(now.ms());
+        let activated = check_time("activated_at", activated_ms.unwrap_or(now.ms()))?;
         let catalog_days = info.map_or(self.catalog.defaults.valid_days, |i| i.valid_days);
         let days = validity_days(activated, catalog_days, valid_days)?;
         self.ledger.grant(&GrantArgs {
@@ -922,7 +919,19 @@ impl Guard {
         Ok(out)
     }
 
+    /// The ledger's integrity and invariants ([`crate::check`]): every finding, the
+    /// problems among them marked.
+    pub fn check(&self, now: Now) -> Result<Vec<crate::check::Finding>> {
+        crate::check::check(&*self.ledger, self.account(), now)
+    }
+
+    /// What opening the ledger found worth a warning.
+    pub fn ledger_warnings(&self) -> Vec<String> {
+        self.ledger.warnings()
+    }
+
     pub fn compact(&self, before_ms: i64) -> Result<u64> {
+        check_time("before", before_ms)?;
         self.ledger.compact(self.account(), before_ms)
     }
 }

@@ -5,10 +5,12 @@
 //! rules ([`rules`]) decide inside the ledger's atomic step ([`ledger`]), the
 //! service is called, and [`guard::Guard::settle`] records what it reported.
 pub mod catalog;
+pub mod check;
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod guard;
+pub mod interrupt;
 pub mod ledger;
 pub mod money;
 pub mod quota;

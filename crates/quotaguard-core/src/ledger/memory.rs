@@ -30,6 +30,10 @@ struct State {
     /// account -> model -> hour -> statistics
     hourly: PerModel<BTreeMap<i64, HourRow>>,
     alerts: HashMap<(String, String), i64>,
+    /// account -> model -> free tokens reconciliation put into `used`
+    adjusted: HashMap<String, BTreeMap<String, i64>>,
+    /// account -> the latest compaction point
+    compacted: HashMap<String, i64>,
 }
 
 /// The entry for `key`, allocating the key only when it is new.
@@ -277,6 +281,43 @@ impl Tx for State {
         let n = self.records.len();
         self.records
             .retain(|r| r.account != account || r.time_ms >= before_ms);
+        let at = self
+            .compacted
+            .entry(account.to_string())
+            .or_insert(before_ms);
+        *at = (*at).max(before_ms);
         Ok((n - self.records.len()) as u64)
+    }
+
+    fn adjust(&mut self, account: &str, model: &str, delta: i64) -> Result<()> {
+        let a = slot(&mut self.adjusted, account)
+            .entry(model.to_string())
+            .or_insert(0);
+        *a = a.saturating_add(delta);
+        Ok(())
+    }
+
+    fn adjustments(&mut self, account: &str) -> Result<BTreeMap<String, i64>> {
+        let mut out = self.adjusted.get(account).cloned().unwrap_or_default();
+        for m in self.quotas.get(account).into_iter().flat_map(|q| q.keys()) {
+            out.entry(m.clone()).or_insert(0);
+        }
+        Ok(out)
+    }
+
+    fn compacted_before(&mut self, account: &str) -> Result<Option<i64>> {
+        Ok(self.compacted.get(account).copied())
+    }
+
+    fn reservations(&mut self, account: &str) -> Result<Vec<ReservationRow>> {
+        let mut out: Vec<ReservationRow> = self
+            .reservations
+            .get(account)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .flat_map(|held| held.values().cloned())
+            .collect();
+        out.sort_by(|a, b| (&a.model, a.id).cmp(&(&b.model, b.id)));
+        Ok(out)
     }
 }

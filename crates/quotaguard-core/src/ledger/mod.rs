@@ -8,6 +8,8 @@
 //! script without any copy of the rules or of money arithmetic ([`redis`]). The
 //! local backends ([`memory`], [`sqlite`]) share one implementation of the steps,
 //! [`Local`], written against [`Tx`]: the reads and writes one step needs.
+use std::collections::BTreeMap;
+
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +20,7 @@ use crate::money::Currency;
 use crate::quota::QuotaRow;
 use crate::rules::{AlertKind, CostType, Kind};
 
+pub mod files;
 pub mod memory;
 pub mod redis;
 pub mod sqlite;
@@ -402,6 +405,25 @@ impl RecordQuery {
     }
 }
 
+/// What only the engine knows, for [`crate::guard::Guard::check`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inspection {
+    /// What the engine's own checks found wrong (SQLite's `integrity_check`, the
+    /// permissions of its files), one line each, saying what to do.
+    pub problems: Vec<String>,
+    /// Per model, the free tokens reconciliation (R12: console figures, the service's
+    /// `FreeTierOnly`) added to `used` (negative: gave back), since the model's row was
+    /// made or the ledger was upgraded to count them.
+    pub adjusted: BTreeMap<String, i64>,
+    /// Records before this time were compacted away (their totals stay).
+    pub compacted_before: Option<i64>,
+    /// Every reservation row of the account, live or past its lease.
+    pub reservations: Vec<ReservationRow>,
+    /// Per model, free tokens taken by settles whose record is not written yet (an
+    /// engine of several steps, between them).
+    pub pending: BTreeMap<String, u64>,
+}
+
 /// The atomic steps every ledger offers: each call is one atomic step of the engine,
 /// deciding on token counts, flags and the reservation alone. Money reaches a ledger
 /// only as integers computed in Rust, which it stores unchanged.
@@ -462,6 +484,14 @@ pub trait Ledger: Send + Sync {
     fn recovery_due(&self) -> bool {
         false
     }
+    /// What the engine's checks and the account's bookkeeping show, for a check of the
+    /// ledger's invariants.
+    fn inspect(&self, account: &str) -> Result<Inspection>;
+    /// What opening the ledger found worth a warning (loose permissions it could not
+    /// tighten), one line each.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The reads and writes of one atomic step of a local backend.
@@ -509,7 +539,17 @@ pub trait Tx {
         model: Option<&str>,
         since_ms: Option<i64>,
     ) -> Result<Vec<HourRow>>;
+    /// Drops records older than `before_ms` and remembers that it did
+    /// ([`Tx::compacted_before`]).
     fn compact(&mut self, account: &str, before_ms: i64) -> Result<u64>;
+    /// Adds `delta` to the free tokens reconciliation put into a model's `used`.
+    fn adjust(&mut self, account: &str, model: &str, delta: i64) -> Result<()>;
+    /// Per model, the free tokens reconciliation put into `used`.
+    fn adjustments(&mut self, account: &str) -> Result<BTreeMap<String, i64>>;
+    /// The latest `before_ms` records were compacted with, if ever.
+    fn compacted_before(&mut self, account: &str) -> Result<Option<i64>>;
+    /// Every reservation row of the account.
+    fn reservations(&mut self, account: &str) -> Result<Vec<ReservationRow>>;
 }
 
 /// A local store that runs a closure as one atomic step.
@@ -518,6 +558,14 @@ pub trait Backend: Send + Sync {
     fn write<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R>;
     fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
         self.write(f)
+    }
+    /// The store's own check of itself (a file's integrity and permissions): problems.
+    fn integrity(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    /// What opening the store found worth a warning.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 
@@ -666,8 +714,13 @@ impl<B: Backend> Ledger for Local<B> {
 
     fn reconcile(&self, account: &str, model: &str, op: Reconcile, now: Now) -> Result<QuotaRow> {
         self.0.write(|tx| {
-            let q = reconciled(tx.quota(account, model)?, op, now.ms());
+            let old = tx.quota(account, model)?;
+            let q = reconciled(old, op, now.ms());
             tx.put_quota(account, model, &q)?;
+            let delta = i128::from(q.used) - i128::from(old.map_or(0, |o| o.used));
+            if delta != 0 {
+                tx.adjust(account, model, delta as i64)?;
+            }
             Ok(q)
         })
     }
@@ -836,6 +889,23 @@ impl<B: Backend> Ledger for Local<B> {
     fn compact(&self, account: &str, before_ms: i64) -> Result<u64> {
         self.0.write(|tx| tx.compact(account, before_ms))
     }
+
+    fn inspect(&self, account: &str) -> Result<Inspection> {
+        let problems = self.0.integrity()?;
+        self.0.read(|tx| {
+            Ok(Inspection {
+                problems,
+                adjusted: tx.adjustments(account)?,
+                compacted_before: tx.compacted_before(account)?,
+                reservations: tx.reservations(account)?,
+                pending: BTreeMap::new(),
+            })
+        })
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.0.warnings()
+    }
 }
 
 /// Opens the ledger `url` names; `create_dir` is a directory to create (private) first.
@@ -844,13 +914,16 @@ pub fn open(url: &LedgerUrl, create_dir: Option<&std::path::Path>) -> Result<Box
         LedgerUrl::Memory => Ok(Box::new(Local(memory::Memory::new()))),
         LedgerUrl::Sqlite { path, durability } => {
             if let Some(dir) = create_dir {
-                sqlite::create_private_dir(dir).map_err(|e| QuotaError::Ledger {
+                files::create_private_dir(dir).map_err(|e| QuotaError::Ledger {
                     ledger: path.display().to_string(),
                     message: format!(
                         "cannot create directory {:?}: {e}",
                         dir.display().to_string()
                     ),
                 })?;
+                // quotaguard's own directory: made 0700, and brought back to it if loosened
+                // (opening warns when it cannot be).
+                let _ = files::tighten_dir(dir);
             }
             Ok(Box::new(Local(sqlite::Sqlite::open(path, *durability)?)))
         }
@@ -869,16 +942,22 @@ pub fn day_bounds(from: NaiveDate, to: NaiveDate) -> (i64, i64) {
 
 /// A fresh positive 63-bit id without a shared counter: a random 31-bit prefix per
 /// process, then a counter, so ids rise in call order within a process and two
-/// processes almost never meet (a clash is retried by the caller).
+/// processes almost never meet (a clash is retried by the caller). A child after
+/// `fork()` draws a prefix of its own: it never repeats its parent's ids.
 pub fn fresh_id() -> i64 {
     use std::hash::{BuildHasher, RandomState};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    static PREFIX: OnceLock<u64> = OnceLock::new();
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    static PID: AtomicU32 = AtomicU32::new(0);
+    static PREFIX: AtomicU64 = AtomicU64::new(0);
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| {
-        RandomState::new().hash_one((std::process::id(), system_now_ms())) & 0x7fff_ffff
-    });
+    let pid = std::process::id();
+    if PID.load(Ordering::Acquire) != pid {
+        let prefix =
+            RandomState::new().hash_one((pid, system_now_ms(), COUNTER.load(Ordering::Relaxed)));
+        PREFIX.store(prefix & 0x7fff_ffff, Ordering::Release);
+        PID.store(pid, Ordering::Release);
+    }
+    let prefix = PREFIX.load(Ordering::Acquire);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     ((prefix << 32).wrapping_add(n) & 0x7fff_ffff_ffff_ffff) as i64
 }

@@ -298,15 +298,19 @@ if op == 'reconcile' then
       'exp', ARGV[10], 'fo', 0, 'cfg', 0)
     redis.call('SADD', p .. 'models', model)
   end
+  local before = num(redis.call('HGET', key, 'used'))
   if ARGV[5] == 'force' then
     redis.call('HSET', key, 'total', ARGV[6], 'used', ARGV[7])
   elseif ARGV[5] == 'lower' then
     -- used only grows: a lagging console figure never gives tokens back
-    local used = math.max(num(redis.call('HGET', key, 'used')), tonumber(ARGV[7]))
+    local used = math.max(before, tonumber(ARGV[7]))
     redis.call('HSET', key, 'total', ARGV[6], 'used', used)
   else
     redis.call('HSET', key, 'used', redis.call('HGET', key, 'total'))
   end
+  -- What reconciliation put into used, for a check to tell it from a lost record.
+  local after = num(redis.call('HGET', key, 'used'))
+  if after ~= before then redis.call('HINCRBY', key, 'adj', after - before) end
   return quota_reply(quota(model), {'OK'})
 end
 

@@ -30,9 +30,9 @@ use parking_lot::Mutex;
 use redis::{ConnectionLike, RedisError, RedisResult, Value};
 
 use super::{
-    AccountOp, AccountRow, DailyRow, Finish, GrantArgs, Hold, HoldRequest, HourRow, Ledger, Now,
-    QuotaRow, Reconcile, RecordQuery, Release, ReservationRow, Settled, Snapshot, TakeRequest,
-    Taken, UsageRecord,
+    AccountOp, AccountRow, DailyRow, Finish, GrantArgs, Hold, HoldRequest, HourRow, Inspection,
+    Ledger, Now, QuotaRow, Reconcile, RecordQuery, Release, ReservationRow, Settled, Snapshot,
+    TakeRequest, Taken, UsageRecord,
 };
 use crate::clock::{cst_day, hour_start, system_now_ms, DAY_MS};
 use crate::config::{redacted, RedisTopology};
@@ -616,7 +616,7 @@ impl Redis {
             self.err("no directory to spill to: set $HOME or $QUOTAGUARD_SPILL_DIR")
         })?;
         if let Some(d) = path.parent() {
-            super::sqlite::create_private_dir(d).map_err(|e| {
+            super::files::create_private_dir(d).map_err(|e| {
                 self.err(format!("cannot create {:?}: {e}", d.display().to_string()))
             })?;
         }
@@ -1079,6 +1079,12 @@ impl Ledger for Redis {
     }
 
     fn compact(&self, account: &str, before_ms: i64) -> Result<u64> {
+        // Remembered first: a check then never takes a compacted record for a lost one.
+        let mark = format!("{}compacted", prefix(account));
+        let old: Option<i64> = self.with_conn(|c| redis::cmd("GET").arg(&mark).query(c))?;
+        if old.is_none_or(|o| o < before_ms) {
+            self.with_conn(|c| redis::cmd("SET").arg(&mark).arg(before_ms).query::<()>(c))?;
+        }
         let key = format!("{}rec", prefix(account));
         let rows: Value =
             self.with_conn(|c| redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query(c))?;
@@ -1142,6 +1148,66 @@ impl Ledger for Redis {
         self.spilled.load(Ordering::Relaxed)
             || system_now_ms().saturating_sub(self.last_recovery_ms.load(Ordering::Relaxed))
                 > RECOVERY_EVERY_MS
+    }
+
+    fn inspect(&self, account: &str) -> Result<Inspection> {
+        let p = prefix(account);
+        let mut out = Inspection::default();
+        let models: Vec<String> =
+            self.with_conn(|c| redis::cmd("SMEMBERS").arg(format!("{p}models")).query(c))?;
+        for model in models {
+            let adj: Option<i64> = self.with_conn(|c| {
+                redis::cmd("HGET")
+                    .arg(format!("{p}q:{model}"))
+                    .arg("adj")
+                    .query(c)
+            })?;
+            out.adjusted.insert(model.clone(), adj.unwrap_or(0));
+            let held: Vec<(String, String)> = self.with_conn(|c| {
+                redis::cmd("HGETALL")
+                    .arg(format!("{p}res:{model}"))
+                    .query(c)
+            })?;
+            for (id, v) in held {
+                // exp,free,worst,created,input,kind,thinking
+                let f: Vec<&str> = v.split(',').collect();
+                let n = |i: usize| f.get(i).and_then(|x| x.parse::<i64>().ok());
+                let (Some(exp), Some(free), Some(worst), Some(created), Some(input)) =
+                    (n(0), n(1), n(2), n(3), n(4))
+                else {
+                    out.problems.push(format!(
+                        "reservation {id} of {model:?} cannot be read ({v:?}); it holds nothing"
+                    ));
+                    continue;
+                };
+                out.reservations.push(ReservationRow {
+                    id: id.parse().unwrap_or(0),
+                    account: account.to_string(),
+                    model: model.clone(),
+                    kind: f
+                        .get(5)
+                        .and_then(|k| Kind::parse(k).ok())
+                        .unwrap_or(Kind::Realtime),
+                    thinking: f.get(6) == Some(&"1"),
+                    input_tokens: u64::try_from(input).unwrap_or(0),
+                    worst: u64::try_from(worst).unwrap_or(0),
+                    free_part: u64::try_from(free).unwrap_or(0),
+                    created_ms: created,
+                    expires_ms: exp,
+                });
+            }
+        }
+        let compacted: Option<i64> =
+            self.with_conn(|c| redis::cmd("GET").arg(format!("{p}compacted")).query(c))?;
+        out.compacted_before = compacted;
+        let pending: Vec<(String, String)> =
+            self.with_conn(|c| redis::cmd("HGETALL").arg(format!("{p}pending")).query(c))?;
+        for (_, v) in pending {
+            if let Ok((req, t)) = self.parse_pending(&v) {
+                *out.pending.entry(req.model).or_insert(0) += t.free;
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -5,14 +5,14 @@ use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
-use parking_lot::Mutex;
+use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
 
 use super::{
-    AccountRow, Backend, DailyRow, HourRow, RecordQuery, ReservationRow, StatsDelta, Tx,
+    files, AccountRow, Backend, DailyRow, HourRow, RecordQuery, ReservationRow, StatsDelta, Tx,
     UsageRecord, STALE_RESERVATION_MS,
 };
 use crate::clock::{cst_day, hour_start, system_now_ms};
@@ -22,9 +22,18 @@ use crate::quota::QuotaRow;
 use crate::rules::{CostType, Kind};
 
 /// The schema this build writes. Each entry of `MIGRATIONS` moves one version up.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
-const MIGRATIONS: &[&str] = &[
+/// `PRAGMA application_id` of a quotaguard ledger ("QGLD"): a database without it that
+/// is not an older quotaguard ledger is another application's, and is never written.
+pub const APPLICATION_ID: u32 = 0x5147_4c44;
+
+/// How long a step waits for a ledger another process holds locked.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// A wait for the lock runs in slices this long; between them the caller may interrupt.
+const BUSY_SLICE: Duration = Duration::from_millis(50);
+
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 0 -> 1
     "CREATE TABLE quotas (
         account TEXT NOT NULL, model TEXT NOT NULL,
@@ -68,6 +77,15 @@ const MIGRATIONS: &[&str] = &[
     // 1 -> 2: thinking-mode holds are settled as they were held; in-doubt calls (R9).
     "ALTER TABLE reservations ADD COLUMN thinking INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE records ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0;",
+    // 2 -> 3: what reconciliation put into each model's `used`, and when records were
+    // compacted, so that a check can tell a lost record from a console sync. A ledger
+    // upgraded here counts from now: what it held before is taken as reconciled.
+    "ALTER TABLE quotas ADD COLUMN adjusted INTEGER NOT NULL DEFAULT 0;
+    UPDATE quotas SET adjusted = used - coalesce((SELECT sum(t.free_tokens) FROM totals t
+        WHERE t.account = quotas.account AND t.model = quotas.model), 0);
+    CREATE TABLE meta (
+        account TEXT NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL,
+        PRIMARY KEY (account, key)) WITHOUT ROWID;",
 ];
 
 /// How far a committed step survives: SQLite's `synchronous` setting.
@@ -81,7 +99,12 @@ pub enum Durability {
 
 pub struct Sqlite {
     name: String,
-    conn: Mutex<Connection>,
+    path: PathBuf,
+    durability: Durability,
+    /// This process's connection, with the id of the process that opened it: a child
+    /// after `fork()` opens its own and never touches its parent's.
+    conn: Mutex<Option<(u32, Connection)>>,
+    warnings: Vec<String>,
 }
 
 fn ledger_err(name: &str, message: impl Into<String>) -> QuotaError {
@@ -102,8 +125,10 @@ fn db_err(name: &str, e: rusqlite::Error) -> QuotaError {
                 return ledger_err(
                     name,
                     format!(
-                    "is locked by another process and stayed locked past the busy timeout ({e})"
-                ),
+                        "is locked by another process and stayed locked past the busy timeout \
+                         ({} s)",
+                        BUSY_TIMEOUT.as_secs()
+                    ),
                 )
             }
             ErrorCode::DatabaseCorrupt => {
@@ -115,22 +140,149 @@ fn db_err(name: &str, e: rusqlite::Error) -> QuotaError {
             _ => {}
         }
     }
-    ledger_err(name, e.to_string())
+    // Never the statement's text: one line, whatever SQLite said.
+    let text = match &e {
+        rusqlite::Error::SqlInputError { msg, .. } => msg.clone(),
+        other => other.to_string(),
+    };
+    ledger_err(name, text.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
-/// Creates `dir` (and its parents) readable by its owner only.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut b = fs::DirBuilder::new();
-    b.recursive(true);
+/// What a file about to be opened as a ledger turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Found {
+    /// Nothing there yet, or an empty file or database: made into a ledger.
+    Nothing,
+    /// A quotaguard ledger (marked, or older and known by its tables).
+    Ledger,
+    /// Anything else: never written.
+    Other(String),
+}
+
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// The tables of the database at `path`, read without writing a byte or creating a
+/// file beside it (`immutable=1` reads the main file only); when that shows none and
+/// a write-ahead log exists, the log may hold them: a plain read-only look then.
+fn table_names(path: &Path) -> rusqlite::Result<Vec<String>> {
+    let read = |uri: String| -> rusqlite::Result<Vec<String>> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let c = Connection::open_with_flags(uri, flags)?;
+        let mut st =
+            c.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?;
+        let names = st.query_map([], |r| r.get::<_, String>(0))?;
+        names.collect()
+    };
+    let uri = file_uri(path);
+    let names = read(format!("{uri}?immutable=1"))?;
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    if names.is_empty() && fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        return read(format!("{uri}?mode=ro"));
+    }
+    Ok(names)
+}
+
+/// `path` as a `file:` URI, every byte that is not plainly safe percent-encoded.
+fn file_uri(path: &Path) -> String {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-    b.create(dir)
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(abs.as_os_str()).to_vec();
+    #[cfg(not(unix))]
+    let bytes = abs.to_string_lossy().replace('\\', "/").into_bytes();
+    let mut out = String::from("file://");
+    if bytes.first() != Some(&b'/') {
+        out.push('/');
+    }
+    for b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Looks at `path` before anything is written: a quotaguard ledger, nothing yet, or
+/// someone else's file.
+fn identify(path: &Path, name: &str) -> Result<Found> {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Nothing),
+        Err(e) => return Err(ledger_err(name, format!("cannot be read: {e}"))),
+    };
+    if !meta.is_file() {
+        return Ok(Found::Other("not a regular file".into()));
+    }
+    if meta.len() == 0 {
+        return Ok(Found::Nothing);
+    }
+    let mut head = [0u8; 100];
+    let n = {
+        use std::io::Read;
+        let mut f =
+            fs::File::open(path).map_err(|e| ledger_err(name, format!("cannot be read: {e}")))?;
+        let mut n = 0;
+        while n < head.len() {
+            match f.read(&mut head[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ledger_err(name, format!("cannot be read: {e}"))),
+            }
+        }
+        n
+    };
+    if n < head.len() || &head[..16] != SQLITE_MAGIC {
+        return Ok(Found::Other("not a SQLite database".into()));
+    }
+    let app = u32::from_be_bytes([head[68], head[69], head[70], head[71]]);
+    if app == APPLICATION_ID {
+        return Ok(Found::Ledger);
+    }
+    if app != 0 {
+        return Ok(Found::Other(format!(
+            "a SQLite database of another application (application_id {app:#010x})"
+        )));
+    }
+    let tables = table_names(path).map_err(|e| {
+        ledger_err(
+            name,
+            format!(
+                "is a SQLite database that could not be read ({}); the file was left untouched",
+                db_err(name, e)
+                    .to_string()
+                    .trim_start_matches(&format!("ledger {name}: "))
+            ),
+        )
+    })?;
+    if tables.is_empty() {
+        return Ok(Found::Nothing);
+    }
+    let ours = ["quotas", "records", "reservations", "schema_version"];
+    if ours.iter().all(|t| tables.iter().any(|n| n == t)) {
+        return Ok(Found::Ledger);
+    }
+    let mut list: Vec<String> = tables.iter().take(5).map(|t| format!("{t:?}")).collect();
+    if tables.len() > 5 {
+        list.push(format!("and {} more", tables.len() - 5));
+    }
+    Ok(Found::Other(format!(
+        "a SQLite database with other tables ({})",
+        list.join(", ")
+    )))
 }
 
 impl Sqlite {
-    /// Opens (creating if needed, mode 0600) the ledger file at `path`.
+    /// Opens (creating if needed, mode 0600) the ledger file at `path`. A file that is
+    /// not a quotaguard ledger is refused before a byte of it is written; a directory
+    /// another user controls is refused; what this process owns is tightened to 0600.
     pub fn open(path: &Path, durability: Durability) -> Result<Self> {
         let name = path.display().to_string();
+        let mut warnings = Vec::new();
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -143,60 +295,116 @@ impl Sqlite {
                 ));
             }
         }
-        // Create the file ourselves so it is born 0600; an existing file is not modified.
-        let mut oo = fs::OpenOptions::new();
-        oo.read(true).append(true).create(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut oo, 0o600);
-        oo.open(path)
-            .map_err(|e| ledger_err(&name, format!("cannot be opened or created: {e}")))?;
-
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI;
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| db_err(&name, e))?;
-        conn.busy_timeout(Duration::from_secs(30))
-            .map_err(|e| db_err(&name, e))?;
-        // Reading the header first: a file that is not a database fails here, unmodified.
-        conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
-            .map_err(|e| db_err(&name, e))?;
-        // Small pages for a new file: every step rewrites a handful of pages in the WAL,
-        // so each page written costs a quarter of the default's bytes.
-        conn.execute_batch("PRAGMA page_size=1024")
-            .map_err(|e| db_err(&name, e))?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(|e| db_err(&name, e))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(ledger_err(
-                &name,
-                format!("could not switch to WAL mode (got {mode:?})"),
-            ));
+        let here = dir.clone().unwrap_or_else(|| PathBuf::from("."));
+        match files::check_dir(&here) {
+            Ok(files::DirVerdict::Refuse(why)) => return Err(ledger_err(&name, why)),
+            Ok(files::DirVerdict::Warn(w)) => warnings.push(w),
+            Ok(files::DirVerdict::Fine) | Err(_) => {}
         }
-        let sync_sql = match durability {
-            Durability::Normal => "PRAGMA synchronous=NORMAL",
-            Durability::Full => "PRAGMA synchronous=FULL",
-        };
-        conn.execute_batch(sync_sql).map_err(|e| db_err(&name, e))?;
-        // Checkpoint (and fsync) every 8,192 pages of WAL rather than every 1,000, and
-        // keep the WAL file from growing without bound.
-        conn.execute_batch("PRAGMA wal_autocheckpoint=8192; PRAGMA journal_size_limit=67108864")
-            .map_err(|e| db_err(&name, e))?;
-        conn.set_prepared_statement_cache_capacity(64);
+        match identify(path, &name)? {
+            Found::Other(what) => {
+                return Err(ledger_err(
+                    &name,
+                    format!("is not a quotaguard ledger ({what}); the file was left untouched"),
+                ))
+            }
+            Found::Nothing => {
+                // Create the file ourselves so it is born 0600.
+                let mut oo = fs::OpenOptions::new();
+                oo.read(true).append(true).create(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut oo, 0o600);
+                oo.open(path)
+                    .map_err(|e| ledger_err(&name, format!("cannot be opened or created: {e}")))?;
+            }
+            Found::Ledger => {}
+        }
+        // SQLite makes the -wal and -shm files with the database's mode: tightened first.
+        for f in [
+            path.to_path_buf(),
+            side_file(path, "-wal"),
+            side_file(path, "-shm"),
+        ] {
+            warnings.extend(files::tighten_file(&f));
+        }
+        let conn = connect(path, durability, &name)?;
         let me = Self {
             name,
-            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+            durability,
+            conn: Mutex::new(Some((std::process::id(), conn))),
+            warnings,
         };
         me.migrate()?;
         Ok(me)
     }
 
+    /// This process's connection (opened again in a child after `fork()`), locked.
+    fn connection(&self) -> Result<MappedMutexGuard<'_, Connection>> {
+        let pid = std::process::id();
+        let mut slot = self.conn.lock();
+        if slot.as_ref().is_some_and(|(p, _)| *p != pid) {
+            // The parent's connection: SQLite forbids using it in a child, and closing it
+            // here could disturb the parent's locks. It is left alone, unreachable.
+            if let Some(inherited) = slot.take() {
+                std::mem::forget(inherited);
+            }
+        }
+        if slot.is_none() {
+            *slot = Some((pid, connect(&self.path, self.durability, &self.name)?));
+        }
+        Ok(MutexGuard::map(slot, |s| {
+            &mut s.as_mut().expect("connected above").1
+        }))
+    }
+
+    /// Runs `f` inside a transaction begun with `begin`. Waiting for a lock another
+    /// process holds goes in short slices with no lock of ours held between them, so
+    /// that the caller may interrupt it ([`crate::interrupt`]); an interrupted step began
+    /// no transaction and recorded nothing.
+    fn transaction<R>(&self, begin: &str, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+        let started = Instant::now();
+        let conn = loop {
+            let conn = self.connection()?;
+            conn.busy_timeout(BUSY_SLICE)
+                .map_err(|e| db_err(&self.name, e))?;
+            let begun = conn.execute_batch(begin);
+            conn.busy_timeout(BUSY_TIMEOUT)
+                .map_err(|e| db_err(&self.name, e))?;
+            match begun {
+                Ok(()) => break conn,
+                Err(e) if is_busy(&e) && started.elapsed() < BUSY_TIMEOUT => {
+                    drop(conn);
+                    if crate::interrupt::interrupted() {
+                        return Err(QuotaError::Interrupted(format!(
+                            "interrupted while waiting for ledger {} (locked by another \
+                             process); nothing was recorded",
+                            self.name
+                        )));
+                    }
+                }
+                Err(e) => return Err(db_err(&self.name, e)),
+            }
+        };
+        match f(&conn) {
+            Ok(v) => match conn.execute_batch("COMMIT") {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    Err(db_err(&self.name, e))
+                }
+            },
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     fn migrate(&self) -> Result<()> {
         let name = self.name.as_str();
-        let c = self.conn.lock();
         let e = |e| db_err(name, e);
-        c.execute_batch("BEGIN IMMEDIATE").map_err(e)?;
-        let run = || -> Result<()> {
+        self.transaction("BEGIN IMMEDIATE", |c| {
             c.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
                 .map_err(e)?;
             let current: Option<i64> = c
@@ -220,6 +428,13 @@ impl Sqlite {
                 )
                 .map_err(e)?;
             }
+            let app: u32 = c
+                .query_row("PRAGMA application_id", [], |r| r.get::<_, i64>(0))
+                .map_err(e)? as u32;
+            if app != APPLICATION_ID {
+                c.execute_batch(&format!("PRAGMA application_id = {}", APPLICATION_ID as i32))
+                    .map_err(e)?;
+            }
             // Reservations whose lease ended long ago only take space.
             c.execute(
                 "DELETE FROM reservations WHERE expires_ms < ?1",
@@ -227,38 +442,62 @@ impl Sqlite {
             )
             .map_err(e)?;
             Ok(())
-        };
-        match run() {
-            Ok(()) => c.execute_batch("COMMIT").map_err(e),
-            Err(err) => {
-                let _ = c.execute_batch("ROLLBACK");
-                Err(err)
-            }
-        }
+        })
     }
 
     fn step<R>(&self, begin: &str, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
-        let conn = self.conn.lock();
-        conn.execute_batch(begin)
-            .map_err(|e| db_err(&self.name, e))?;
-        let mut tx = SqliteTx {
-            conn: &conn,
-            name: &self.name,
-        };
-        match f(&mut tx) {
-            Ok(v) => match conn.execute_batch("COMMIT") {
-                Ok(()) => Ok(v),
-                Err(e) => {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    Err(db_err(&self.name, e))
-                }
-            },
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                Err(e)
-            }
-        }
+        self.transaction(begin, |conn| {
+            let mut tx = SqliteTx {
+                conn,
+                name: &self.name,
+            };
+            f(&mut tx)
+        })
     }
+}
+
+fn side_file(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+/// A connection to the ledger file at `path`, set up for quotaguard's steps.
+fn connect(path: &Path, durability: Durability, name: &str) -> Result<Connection> {
+    // No SQLITE_OPEN_URI: a path is a path, never read as a URI.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| db_err(name, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| db_err(name, e))?;
+    // Small pages for a new file: every step rewrites a handful of pages in the WAL,
+    // so each page written costs a quarter of the default's bytes.
+    conn.execute_batch("PRAGMA page_size=1024")
+        .map_err(|e| db_err(name, e))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(|e| db_err(name, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(ledger_err(
+            name,
+            format!("could not switch to WAL mode (got {mode:?})"),
+        ));
+    }
+    let sync_sql = match durability {
+        Durability::Normal => "PRAGMA synchronous=NORMAL",
+        Durability::Full => "PRAGMA synchronous=FULL",
+    };
+    conn.execute_batch(sync_sql).map_err(|e| db_err(name, e))?;
+    // Checkpoint (and fsync) every 8,192 pages of WAL rather than every 1,000, and
+    // keep the WAL file from growing without bound.
+    conn.execute_batch("PRAGMA wal_autocheckpoint=8192; PRAGMA journal_size_limit=67108864")
+        .map_err(|e| db_err(name, e))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
 }
 
 impl Backend for Sqlite {
@@ -272,6 +511,61 @@ impl Backend for Sqlite {
 
     fn read<R>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<R>) -> Result<R> {
         self.step("BEGIN", f)
+    }
+
+    fn integrity(&self) -> Result<Vec<String>> {
+        let name = self.name.as_str();
+        let mut out = Vec::new();
+        let (report, app) = self.transaction("BEGIN", |c| {
+            let mut st = c
+                .prepare("PRAGMA integrity_check(20)")
+                .map_err(|e| db_err(name, e))?;
+            let lines = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(|e| db_err(name, e))?
+                .collect::<rusqlite::Result<Vec<String>>>()
+                .map_err(|e| db_err(name, e))?;
+            let app: i64 = c
+                .query_row("PRAGMA application_id", [], |r| r.get(0))
+                .map_err(|e| db_err(name, e))?;
+            Ok((lines, app as u32))
+        })?;
+        if report != ["ok"] {
+            out.push(format!(
+                "SQLite's integrity check failed: {}; restore the ledger from a copy",
+                report.join("; ")
+            ));
+        }
+        if app != APPLICATION_ID {
+            out.push(format!(
+                "the ledger is not marked as quotaguard's (application_id {app:#010x})"
+            ));
+        }
+        let here = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), PathBuf::from);
+        match files::check_dir(&here) {
+            Ok(files::DirVerdict::Refuse(w)) | Ok(files::DirVerdict::Warn(w)) => out.push(w),
+            Ok(files::DirVerdict::Fine) => {}
+            Err(e) => out.push(format!(
+                "directory {:?} cannot be read: {e}",
+                here.display().to_string()
+            )),
+        }
+        for f in [
+            self.path.clone(),
+            side_file(&self.path, "-wal"),
+            side_file(&self.path, "-shm"),
+        ] {
+            out.extend(files::loose_file(&f));
+        }
+        Ok(out)
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
     }
 }
 
@@ -313,6 +607,22 @@ fn sql_count(what: &str, v: u64) -> Result<i64> {
             "{what} {v} is more than the ledger stores ({})",
             i64::MAX
         ))
+    })
+}
+
+fn reservation_from(r: &Row<'_>) -> rusqlite::Result<ReservationRow> {
+    let kind: String = r.get(3)?;
+    Ok(ReservationRow {
+        id: r.get(0)?,
+        account: r.get(1)?,
+        model: r.get(2)?,
+        kind: kind_of(&kind),
+        input_tokens: count_at(r, 4)?,
+        worst: count_at(r, 5)?,
+        free_part: count_at(r, 6)?,
+        created_ms: r.get(7)?,
+        expires_ms: r.get(8)?,
+        thinking: r.get(9)?,
     })
 }
 
@@ -380,9 +690,13 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO quotas
+                "INSERT INTO quotas
                  (account, model, total, used, activated_ms, valid_days, free_only, configured)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (account, model) DO UPDATE SET
+                   total = excluded.total, used = excluded.used,
+                   activated_ms = excluded.activated_ms, valid_days = excluded.valid_days,
+                   free_only = excluded.free_only, configured = excluded.configured",
             )
             .map_err(|e| self.err(e))?;
         st.execute(params![
@@ -480,23 +794,9 @@ impl Tx for SqliteTx<'_> {
                  thinking FROM reservations WHERE account = ?1 AND model = ?2 AND id = ?3",
             )
             .map_err(|e| self.err(e))?;
-        st.query_row(params![account, model, id], |r| {
-            let kind: String = r.get(3)?;
-            Ok(ReservationRow {
-                id: r.get(0)?,
-                account: r.get(1)?,
-                model: r.get(2)?,
-                kind: kind_of(&kind),
-                input_tokens: count_at(r, 4)?,
-                worst: count_at(r, 5)?,
-                free_part: count_at(r, 6)?,
-                created_ms: r.get(7)?,
-                expires_ms: r.get(8)?,
-                thinking: r.get(9)?,
-            })
-        })
-        .optional()
-        .map_err(|e| self.err(e))
+        st.query_row(params![account, model, id], reservation_from)
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     fn delete_reservation(&mut self, account: &str, model: &str, id: i64) -> Result<()> {
@@ -820,6 +1120,61 @@ impl Tx for SqliteTx<'_> {
                 params![account, before_ms],
             )
             .map_err(|e| self.err(e))?;
+        self.conn
+            .execute(
+                "INSERT INTO meta (account, key, value) VALUES (?1, 'compacted_before', ?2)
+                 ON CONFLICT (account, key) DO UPDATE SET value = max(value, excluded.value)",
+                params![account, before_ms],
+            )
+            .map_err(|e| self.err(e))?;
         Ok(n as u64)
+    }
+
+    fn adjust(&mut self, account: &str, model: &str, delta: i64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE quotas SET adjusted = adjusted + ?3 WHERE account = ?1 AND model = ?2",
+                params![account, model, delta],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn adjustments(&mut self, account: &str) -> Result<BTreeMap<String, i64>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT model, adjusted FROM quotas WHERE account = ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([account], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<BTreeMap<String, i64>>>()
+            .map_err(|e| self.err(e))
+    }
+
+    fn compacted_before(&mut self, account: &str) -> Result<Option<i64>> {
+        self.conn
+            .query_row(
+                "SELECT value FROM meta WHERE account = ?1 AND key = 'compacted_before'",
+                [account],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    fn reservations(&mut self, account: &str) -> Result<Vec<ReservationRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT id, account, model, kind, input_tokens, worst, free_part, created_ms,
+                 expires_ms, thinking FROM reservations WHERE account = ?1 ORDER BY model, id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([account], reservation_from)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.err(e))
     }
 }

@@ -625,3 +625,286 @@ fn the_hold_decision_on_plain_numbers() {
         None
     );
 }
+
+fn problems(g: &Guard, now: i64) -> Vec<String> {
+    g.check(at(now))
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.problem)
+        .map(|f| f.text)
+        .collect()
+}
+
+#[test]
+fn a_busy_ledger_checks_clean_on_every_engine() {
+    for e in engines() {
+        let g = e.granted(10_000);
+        g.grant("qwen-plus", Some(5_000), Some(CUTOVER_MS), None, at(T0))
+            .unwrap();
+        for i in 0..6 {
+            let now = T0 + i * 3_600_000;
+            let r = reserve(&g, 300, now).unwrap();
+            settle(&g, &r, 100 + i as u64, 50, now);
+        }
+        // An overrun, a release, a hold still in flight, one past its lease.
+        let r = reserve(&g, 100, T0).unwrap();
+        settle(&g, &r, 200, 200, T0 + 1);
+        let r = reserve(&g, 100, T0).unwrap();
+        g.release(&r.0, &r.1, true, at(T0)).unwrap();
+        let _live = reserve(&g, 50, T0 + 7 * 3_600_000).unwrap();
+        let _dead = reserve(&g, 70, T0).unwrap();
+        // Reconciliation in every form, then a compaction.
+        g.sync(MODEL, "8,000/10,000", false, at(T0)).unwrap();
+        g.sync(MODEL, "9,500/10,000", true, at(T0)).unwrap();
+        g.mark_depleted("qwen-plus", at(T0)).unwrap();
+        g.sync("qwen-turbo", "10/100", false, at(T0)).unwrap();
+        g.compact(T0 + 2 * 3_600_000).unwrap();
+        let now = T0 + 7 * 3_600_000 + 1;
+        assert_eq!(problems(&g, now), Vec::<String>::new(), "{}", e.name);
+        let all = g.check(at(now)).unwrap();
+        let text: Vec<&str> = all.iter().map(|f| f.text.as_str()).collect();
+        assert!(
+            text.iter().any(
+                |t| t.contains("1 reservations within their lease") && t.contains("1 outlived")
+            ),
+            "{}: {text:?}",
+            e.name
+        );
+    }
+}
+
+#[test]
+fn a_ledger_changed_behind_quotaguards_back_fails_its_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("l.db");
+    let url = LedgerUrl::Sqlite {
+        path: p.clone(),
+        durability: Durability::Normal,
+    };
+    let g = Engine {
+        name: "sqlite",
+        url,
+        _dir: None,
+    }
+    .granted(10_000);
+    for i in 0..3 {
+        let r = reserve(&g, 100, T0 + i).unwrap();
+        settle(&g, &r, 10, 10, T0 + i);
+    }
+    assert!(problems(&g, T0 + 10).is_empty());
+    let c = rusqlite::Connection::open(&p).unwrap();
+    c.execute("UPDATE quotas SET used = used - 15", []).unwrap();
+    let found = problems(&g, T0 + 10);
+    assert!(
+        found.len() == 1 && found[0].contains("15 tokens missing") && found[0].contains("sync"),
+        "{found:?}"
+    );
+    c.execute("UPDATE quotas SET used = used + 15", []).unwrap();
+    c.execute(
+        "DELETE FROM records WHERE time_ms = (SELECT min(time_ms) FROM records)",
+        [],
+    )
+    .unwrap();
+    let found = problems(&g, T0 + 10);
+    assert!(
+        found.iter().any(|f| f.contains("a record was lost")),
+        "{found:?}"
+    );
+    drop(c);
+}
+
+#[test]
+fn another_applications_database_is_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("app.db");
+    {
+        let c = rusqlite::Connection::open(&p).unwrap();
+        c.execute_batch(
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT);
+             CREATE TABLE orders (id INTEGER PRIMARY KEY, user INTEGER, total REAL);
+             INSERT INTO users (name) VALUES ('ann');",
+        )
+        .unwrap();
+    }
+    let marked = dir.path().join("marked.db");
+    {
+        let c = rusqlite::Connection::open(&marked).unwrap();
+        c.execute_batch("PRAGMA application_id = 1234; CREATE TABLE t (x);")
+            .unwrap();
+    }
+    for (path, why) in [(&p, "\"orders\", \"users\""), (&marked, "0x000004d2")] {
+        let before = std::fs::read(path).unwrap();
+        let listing = |d: &std::path::Path| {
+            let mut v: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        let files_before = listing(dir.path());
+        let e = Sqlite::open(path, Durability::Normal)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains(&path.display().to_string())
+                && e.contains("not a quotaguard ledger")
+                && e.contains(why)
+                && e.contains("left untouched"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("CREATE") && !e.contains('\n') && e.len() < 300,
+            "{e}"
+        );
+        assert_eq!(std::fs::read(path).unwrap(), before);
+        assert_eq!(listing(dir.path()), files_before);
+    }
+}
+
+#[test]
+fn an_empty_database_or_file_becomes_a_marked_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty_file = dir.path().join("empty.db");
+    std::fs::write(&empty_file, b"").unwrap();
+    let empty_db = dir.path().join("emptydb.db");
+    rusqlite::Connection::open(&empty_db)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 0; VACUUM;")
+        .unwrap();
+    for p in [&empty_file, &empty_db, &dir.path().join("new.db")] {
+        drop(Sqlite::open(p, Durability::Normal).unwrap());
+        let head = std::fs::read(p).unwrap();
+        assert_eq!(
+            u32::from_be_bytes([head[68], head[69], head[70], head[71]]),
+            sqlite::APPLICATION_ID,
+            "{}",
+            p.display()
+        );
+        // Opened again: recognised by its mark.
+        drop(Sqlite::open(p, Durability::Normal).unwrap());
+    }
+}
+
+#[test]
+fn a_ledger_of_an_older_schema_is_upgraded_and_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("old.db");
+    {
+        // A version 2 ledger as the last release wrote it: no mark, no reconciliation count.
+        let c = rusqlite::Connection::open(&p).unwrap();
+        c.execute_batch("PRAGMA journal_mode=WAL;").unwrap();
+        c.execute_batch("CREATE TABLE schema_version (version INTEGER NOT NULL);")
+            .unwrap();
+        for (i, sql) in sqlite_migrations().iter().take(2).enumerate() {
+            c.execute_batch(sql).unwrap();
+            c.execute("INSERT INTO schema_version VALUES (?1)", [i as i64 + 1])
+                .unwrap();
+        }
+        c.execute_batch(
+            "INSERT INTO quotas VALUES ('a', 'qwen-max', 1000, 300, 1757300400000, 90, 0, 0);",
+        )
+        .unwrap();
+    }
+    let ledger = Sqlite::open(&p, Durability::Normal).unwrap();
+    let g = Guard::new(
+        Config {
+            account: "a".into(),
+            user: "root".into(),
+            workspace: None,
+            region: "cn-beijing".into(),
+            site: Site::China,
+            verified: true,
+            lease_ms: 600_000,
+        },
+        Box::new(Local(ledger)),
+        Arc::new(Catalog::bundled()),
+    )
+    .unwrap();
+    assert_eq!(g.quota(MODEL, at(T0)).unwrap().used, 300);
+    // What the old ledger used is taken as reconciled: its check holds.
+    assert!(problems(&g, T0).is_empty(), "{:?}", problems(&g, T0));
+    let r = reserve(&g, 100, T0).unwrap();
+    settle(&g, &r, 10, 10, T0);
+    assert!(problems(&g, T0).is_empty());
+    drop(g);
+    let head = std::fs::read(&p).unwrap();
+    assert_eq!(
+        u32::from_be_bytes([head[68], head[69], head[70], head[71]]),
+        sqlite::APPLICATION_ID
+    );
+}
+
+fn sqlite_migrations() -> &'static [&'static str] {
+    sqlite::MIGRATIONS
+}
+
+#[test]
+fn a_wait_for_a_locked_ledger_can_be_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("l.db");
+    let ledger = Local(Sqlite::open(&p, Durability::Normal).unwrap());
+    let holder = rusqlite::Connection::open(&p).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let asked = std::rc::Rc::new(std::cell::Cell::new(0));
+    let seen = asked.clone();
+    let started = std::time::Instant::now();
+    let out = crate::interrupt::with_check(
+        move || {
+            seen.set(seen.get() + 1);
+            seen.get() >= 3
+        },
+        || {
+            ledger.grant(&GrantArgs {
+                account: "a",
+                model: MODEL,
+                total: 10,
+                activated_ms: T0,
+                valid_days: 90,
+            })
+        },
+    );
+    assert!(
+        matches!(out, Err(QuotaError::Interrupted(ref m)) if m.contains("nothing was recorded")),
+        "{out:?}"
+    );
+    assert_eq!(asked.get(), 3);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    holder.execute_batch("COMMIT").unwrap();
+    assert_eq!(ledger.quota("a", MODEL, at(T0)).unwrap(), None);
+}
+
+#[cfg(unix)]
+#[test]
+fn loose_files_of_a_ledger_are_tightened() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("l.db");
+    drop(Sqlite::open(&p, Durability::Normal).unwrap());
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let l = Local(Sqlite::open(&p, Durability::Normal).unwrap());
+    l.grant(&GrantArgs {
+        account: "a",
+        model: MODEL,
+        total: 10,
+        activated_ms: T0,
+        valid_days: 90,
+    })
+    .unwrap();
+    assert!(l.warnings().is_empty(), "{:?}", l.warnings());
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        assert_eq!(
+            entry.metadata().unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{:?}",
+            entry.file_name()
+        );
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let l = Local(Sqlite::open(&p, Durability::Normal).unwrap());
+    let w = l.warnings();
+    assert!(w.len() == 1 && w[0].contains("every user"), "{w:?}");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+}
