@@ -6,7 +6,7 @@ use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
 use rust_decimal::Decimal;
 
 use crate::errors::{type_error, PyQuotaError};
-use quotaguard_core::clock::parse_instant;
+use quotaguard_core::clock::{milliseconds_hint, parse_instant, SHOWN_MAX_MS, SHOWN_MIN_MS};
 use quotaguard_core::guard::check_tokens;
 use quotaguard_core::money::from_decimal;
 
@@ -25,11 +25,6 @@ fn shown(obj: &Bound<'_, PyAny>) -> String {
 
 /// A token count: a non-negative int no larger than one call can use.
 pub fn tokens(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
-    if obj.is_exact_instance_of::<PyInt>() {
-        if let Ok(n) = obj.extract::<i64>() {
-            return check_tokens(what, n.into()).map_err(|e| PyQuotaError(e).into());
-        }
-    }
     if obj.is_instance_of::<PyBool>() {
         return Err(type_error(format!(
             "{what} must be an int, not bool {}",
@@ -37,20 +32,35 @@ pub fn tokens(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
         )));
     }
     if obj.is_instance_of::<PyInt>() {
-        // i64 first: the common case, and a direct C call even under abi3.
-        let n: i128 = match obj.extract::<i64>() {
-            Ok(n) => n.into(),
-            Err(_) => {
-                return Err(PyValueError::new_err(format!(
-                    "{what} {} is too large (at most 1,000,000,000 per call)",
-                    shown(obj)
+        return int_tokens(obj, what);
+    }
+    // An object that says it is an integer: asked once, as operator.index asks, and its
+    // answer must be an int (an `__index__` returning itself is refused, not followed).
+    if obj.get_type().hasattr("__index__").unwrap_or(false) {
+        let index = obj.py().import("operator")?.getattr("index")?;
+        return match index.call1((obj,)) {
+            Ok(n) if n.is_instance_of::<PyInt>() && !n.is_instance_of::<PyBool>() => {
+                int_tokens(&n, what)
+            }
+            Ok(n) => Err(type_error(format!(
+                "{what} must be an int, not {} {} (its __index__ gave {})",
+                type_name(obj),
+                shown(obj),
+                type_name(&n)
+            ))),
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(obj.py()) => {
+                Err(type_error(format!(
+                    "{what} must be an int, not {} {} ({})",
+                    type_name(obj),
+                    shown(obj),
+                    e.value(obj.py())
+                        .str()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default()
                 )))
             }
+            Err(e) => Err(e),
         };
-        return check_tokens(what, n).map_err(|e| PyQuotaError(e).into());
-    }
-    if let Ok(idx) = obj.call_method0("__index__") {
-        return tokens(&idx, what);
     }
     if obj.is_instance_of::<PyFloat>() || obj.hasattr("as_integer_ratio").unwrap_or(false) {
         return Err(PyValueError::new_err(format!(
@@ -64,6 +74,39 @@ pub fn tokens(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
         type_name(obj),
         shown(obj)
     )))
+}
+
+/// An int (or a subclass, read as its value) as a token count.
+fn int_tokens(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
+    // i64 first: the common case, and a direct C call even under abi3.
+    match obj.extract::<i64>() {
+        Ok(n) => check_tokens(what, n.into()).map_err(|e| PyQuotaError(e).into()),
+        Err(_) => Err(PyValueError::new_err(format!(
+            "{what} {} is too large (at most 1,000,000,000 per call)",
+            shown(obj)
+        ))),
+    }
+}
+
+/// A number of seconds (a lease): an int or a float, never a bool or a str.
+pub fn seconds(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
+    if obj.is_instance_of::<PyBool>() || obj.is_instance_of::<PyString>() {
+        return Err(type_error(format!(
+            "{what} must be a number of seconds, not {} {}",
+            type_name(obj),
+            shown(obj)
+        )));
+    }
+    if obj.is_instance_of::<PyInt>() {
+        return Ok(obj.extract::<i64>().map_or(f64::INFINITY, |n| n as f64));
+    }
+    obj.extract::<f64>().map_err(|_| {
+        type_error(format!(
+            "{what} must be a number of seconds, not {} {}",
+            type_name(obj),
+            shown(obj)
+        ))
+    })
 }
 
 pub fn opt_tokens(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<u64>> {
@@ -102,23 +145,40 @@ pub fn amount(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
     quotaguard_core::money::parse_amount(&text, what).map_err(|e| PyQuotaError(e).into())
 }
 
-/// An instant: an aware datetime, an ISO-8601 string with an offset, or epoch seconds.
+/// An instant: an aware datetime, an ISO-8601 string with an offset, or epoch seconds;
+/// in years 1..9999, what every reader can show.
 pub fn instant(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
+    let ms = read_instant(obj, what)?;
+    if !(SHOWN_MIN_MS..=SHOWN_MAX_MS).contains(&ms) {
+        return Err(PyValueError::new_err(format!(
+            "{what} {} is not a time between the years 1 and 9999{}",
+            shown(obj),
+            milliseconds_hint(ms)
+        )));
+    }
+    Ok(ms)
+}
+
+fn read_instant(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
     if obj.is_instance_of::<PyString>() {
         let s: String = obj.extract()?;
         return parse_instant(&s).map_err(|e| PyQuotaError(e).into());
     }
-    if obj.is_instance_of::<PyInt>() || obj.is_instance_of::<PyFloat>() {
-        if obj.is_instance_of::<PyBool>() {
-            return Err(type_error(format!("{what} must be a datetime, not bool")));
-        }
-        let secs: f64 = obj.extract()?;
-        if !secs.is_finite() {
-            return Err(PyValueError::new_err(format!(
-                "{what} {secs} is not a finite time"
-            )));
-        }
-        return Ok((secs * 1000.0).round() as i64);
+    if obj.is_instance_of::<PyBool>() {
+        return Err(type_error(format!("{what} must be a datetime, not bool")));
+    }
+    let too_far = || {
+        PyValueError::new_err(format!(
+            "{what} {} is not a time between the years 1 and 9999 (epoch times are in seconds)",
+            shown(obj)
+        ))
+    };
+    if obj.is_instance_of::<PyInt>() {
+        let secs: i64 = obj.extract().map_err(|_| too_far())?;
+        return secs.checked_mul(1000).ok_or_else(too_far);
+    }
+    if obj.is_instance_of::<PyFloat>() {
+        return seconds_to_ms(obj.extract()?, what);
     }
     if obj.hasattr("tzinfo").unwrap_or(false) && obj.hasattr("timestamp").unwrap_or(false) {
         if obj.getattr("tzinfo")?.is_none() || obj.call_method0("utcoffset")?.is_none() {
@@ -131,13 +191,24 @@ pub fn instant(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
             return Ok(dt.timestamp_millis());
         }
         let secs: f64 = obj.call_method0("timestamp")?.extract()?;
-        return Ok((secs * 1000.0).round() as i64);
+        return seconds_to_ms(secs, what);
     }
     Err(type_error(format!(
         "{what} must be an aware datetime, an ISO-8601 string or epoch seconds, not {} {}",
         type_name(obj),
         shown(obj)
     )))
+}
+
+fn seconds_to_ms(secs: f64, what: &str) -> PyResult<i64> {
+    let ms = (secs * 1000.0).round();
+    // i64 holds every whole number of ms below 2^63; beyond, the saturating cast would lie.
+    if !ms.is_finite() || ms.abs() >= 9.2e18 {
+        return Err(PyValueError::new_err(format!(
+            "{what} {secs} is not a finite time"
+        )));
+    }
+    Ok(ms as i64)
 }
 
 pub fn opt_instant(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<i64>> {

@@ -1,5 +1,5 @@
 //! The one place core errors become Python exceptions.
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use quotaguard_core::error::{QuotaError, RefusalReason};
@@ -10,6 +10,7 @@ pyo3::import_exception!(quotaguard.exceptions, AccountOverdue);
 pyo3::import_exception!(quotaguard.exceptions, BudgetExceeded);
 pyo3::import_exception!(quotaguard.exceptions, LedgerError);
 pyo3::import_exception!(quotaguard.exceptions, LeaseExpiredWarning);
+pyo3::import_exception!(quotaguard.exceptions, LedgerPermissionWarning);
 
 /// Core errors cross into Python here and nowhere else.
 pub struct PyQuotaError(pub QuotaError);
@@ -34,6 +35,7 @@ impl From<PyQuotaError> for PyErr {
             QuotaError::Budget(_) => BudgetExceeded::new_err(msg),
             QuotaError::Rejected(_) => QuotaGuardError::new_err(msg),
             QuotaError::Ledger { ledger, .. } => LedgerError::new_err((msg, ledger)),
+            QuotaError::Interrupted(_) => PyKeyboardInterrupt::new_err(msg),
         }
     }
 }

@@ -5,20 +5,26 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use std::time::Duration;
+
 use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping, PySequence, PyString};
 use rust_decimal::Decimal;
 
-use crate::convert::{amount, instant, opt_instant, opt_tokens, tokens};
-use crate::errors::{type_error, LeaseExpiredWarning, PyQuotaError, QuotaGuardError};
+use crate::convert::{amount, instant, opt_instant, opt_tokens, seconds, tokens};
+use crate::errors::{
+    type_error, LeaseExpiredWarning, LedgerPermissionWarning, PyQuotaError, QuotaGuardError,
+};
+use crate::fork;
 use crate::types::{PyAlert, PyBill, PyHourStats, PyQuota, PyUsageRecord};
 use quotaguard_core::catalog::{Catalog, Site};
-use quotaguard_core::clock::{cst_day, month_of, system_now_ms};
+use quotaguard_core::clock::{check_time, cst_day, month_of, system_now_ms};
 use quotaguard_core::config::{self, SpendRule};
-use quotaguard_core::error::Result as QResult;
+use quotaguard_core::error::{QuotaError, Result as QResult};
 use quotaguard_core::guard::{BudgetHold, Config, FreeOnlyTarget, Guard};
+use quotaguard_core::interrupt;
 use quotaguard_core::ledger::{self, AccountOp, Alert, Now, RecordQuery, ReservationRow};
 use quotaguard_core::money::to_decimal;
 use quotaguard_core::rules::{CostType, Kind};
@@ -26,9 +32,74 @@ use quotaguard_core::tokens::{self, ChatMessage, Vocabulary};
 
 static BUNDLED: OnceLock<Arc<Catalog>> = OnceLock::new();
 
+/// Runs `f` with the interpreter detached, inside the fork gate ([`crate::fork`]).
+fn gated<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    py.detach(|| {
+        let _pass = fork::enter();
+        f()
+    })
+}
+
+/// Runs blocking core work (ledger I/O) detached and inside the fork gate; a wait in
+/// it (a SQLite ledger locked by another process) runs the interpreter's signal
+/// handlers between short slices, so Ctrl-C raises `KeyboardInterrupt` at once, with
+/// nothing recorded. No lock of the core is held while they run.
+pub(crate) fn blocking<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> QResult<T> + Send,
+) -> PyResult<T> {
+    let caught: Arc<Mutex<Option<PyErr>>> = Arc::new(Mutex::new(None));
+    let sink = Arc::clone(&caught);
+    let out = gated(py, move || {
+        let check = move || {
+            Python::attach(|py| match py.check_signals() {
+                Ok(()) => false,
+                Err(e) => {
+                    *sink.lock() = Some(e);
+                    true
+                }
+            })
+        };
+        interrupt::with_check(check, f)
+    });
+    match out {
+        Err(e @ QuotaError::Interrupted(_)) => match caught.lock().take() {
+            Some(signal) => Err(signal),
+            None => Err(PyQuotaError(e).into()),
+        },
+        other => q(other),
+    }
+}
+
+/// Before `os.fork()` (registered by `quotaguard`): waits (a minute at most) until no
+/// thread is inside detached core work, and keeps new work out across the fork.
+#[pyfunction]
+pub fn _fork_prepare(py: Python<'_>) {
+    py.detach(|| fork::close(Duration::from_secs(60)));
+}
+
+/// After `os.fork()`, in the parent: lets work in again.
+#[pyfunction]
+pub fn _fork_parent() {
+    fork::open();
+}
+
+/// After `os.fork()`, in the child: lets work in again; the threads that were inside
+/// in the parent do not exist here.
+#[pyfunction]
+pub fn _fork_child() {
+    fork::reset_in_child();
+}
+
+/// Hides the password of every URL in `text` (messages shown on a terminal).
+#[pyfunction]
+pub fn _redact(text: &str) -> String {
+    config::redact_text(text)
+}
+
 /// The Qwen vocabulary, loaded on first use with the interpreter detached.
 fn vocabulary(py: Python<'_>) -> Option<Arc<Vocabulary>> {
-    py.detach(tokens::vocabulary)
+    gated(py, tokens::vocabulary)
 }
 
 /// Points the input bound at a `qwen.tiktoken` vocabulary file (loaded on first use).
@@ -42,7 +113,7 @@ pub fn set_vocabulary(path: Option<PathBuf>) {
 pub fn count_tokens(py: Python<'_>, text: &str) -> Option<u64> {
     let v = vocabulary(py)?;
     Some(if text.len() > 4096 {
-        py.detach(|| v.count(text))
+        gated(py, || v.count(text))
     } else {
         v.count(text)
     })
@@ -75,7 +146,10 @@ impl PyQuotaGuard {
     fn now_ms(&self, py: Python<'_>) -> PyResult<Now> {
         match &self.clock {
             None => Ok(Now::System(system_now_ms())),
-            Some(c) => Ok(Now::Caller(instant(&c.bind(py).call0()?, "clock()")?)),
+            Some(c) => {
+                let ms = instant(&c.bind(py).call0()?, "clock()")?;
+                Ok(Now::Caller(q(check_time("clock()", ms))?))
+            }
         }
     }
 
@@ -85,12 +159,11 @@ impl PyQuotaGuard {
         f: impl FnOnce(&Guard) -> QResult<T> + Send,
     ) -> PyResult<T> {
         let g = &*self.inner;
-        let r = if self.blocking {
-            py.detach(|| f(g))
+        if self.blocking {
+            blocking(py, || f(g))
         } else {
-            f(g)
-        };
-        q(r)
+            q(f(g))
+        }
     }
 
     fn dispatch(&self, py: Python<'_>, alerts: Vec<Alert>) -> PyResult<()> {
@@ -195,8 +268,13 @@ impl PyQuotaGuard {
     #[pyo3(signature = (
         ledger=None, account="default", user="root", workspace=None,
         region="cn-beijing", site="china", verified=true, catalog=None,
-        lease_seconds=600.0, clock=None
+        lease_seconds=None, clock=None
     ))]
+    #[pyo3(
+        text_signature = "(ledger=None, account='default', user='root', workspace=None, \
+        region='cn-beijing', site='china', verified=True, catalog=None, lease_seconds=600.0, \
+        clock=None)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn py_new(
         py: Python<'_>,
@@ -208,9 +286,13 @@ impl PyQuotaGuard {
         site: &str,
         verified: bool,
         catalog: Option<PathBuf>,
-        lease_seconds: f64,
+        lease_seconds: Option<&Bound<'_, PyAny>>,
         clock: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
+        let lease_seconds = match lease_seconds {
+            Some(v) if !v.is_none() => seconds(v, "lease_seconds")?,
+            _ => 600.0,
+        };
         let config = Config {
             account: account.to_string(),
             user: user.to_string(),
@@ -228,13 +310,17 @@ impl PyQuotaGuard {
         let given = ledger_arg(ledger)?;
         let (url, default_dir) = q(config::resolve_ledger(given.as_deref()))?;
         let blocking = !matches!(url, config::LedgerUrl::Memory);
-        let opened = py.detach(|| {
+        let guard = self::blocking(py, || {
             let g = Guard::new(config, ledger::open(&url, default_dir.as_deref())?, catalog)?;
             // Settles a crash or an outage left half-way are completed before the first call.
             g.recover()?;
             Ok(g)
-        });
-        let guard = q(opened)?;
+        })?;
+        let warn = py.get_type::<LedgerPermissionWarning>();
+        for w in guard.ledger_warnings() {
+            let msg = format!("ledger {}: {w}", config::redacted(guard.ledger_name()));
+            PyErr::warn(py, warn.as_any(), &CString::new(msg).unwrap_or_default(), 1)?;
+        }
         Ok(Self {
             inner: Arc::new(guard),
             clock,
@@ -469,7 +555,7 @@ impl PyQuotaGuard {
         };
         let size: usize = pairs.iter().map(|(_, c)| c.len()).sum::<usize>()
             + texts.iter().map(String::len).sum::<usize>();
-        let n = if size > 4096 { py.detach(work) } else { work() };
+        let n = if size > 4096 { gated(py, work) } else { work() };
         Ok(n + extra)
     }
 
@@ -674,6 +760,24 @@ impl PyQuotaGuard {
             .into_iter()
             .map(PyHourStats)
             .collect())
+    }
+
+    /// The ledger's integrity and invariants: what does not hold, one line each (an
+    /// empty list when all hold).
+    fn check(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        Ok(self
+            ._check_all(py)?
+            .into_iter()
+            .filter(|(problem, _)| *problem)
+            .map(|(_, text)| text)
+            .collect())
+    }
+
+    /// Every finding of the check, as `(problem, text)`: what `quotaguard doctor` prints.
+    fn _check_all(&self, py: Python<'_>) -> PyResult<Vec<(bool, String)>> {
+        let now = self.now_ms(py)?;
+        let found = self.run(py, |g| g.check(now))?;
+        Ok(found.into_iter().map(|f| (f.problem, f.text)).collect())
     }
 
     /// Deletes records before `before`; bills and statistics are unchanged. Returns how many.

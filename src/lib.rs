@@ -2,6 +2,7 @@
 //! Python values and the pure Rust core (`quotaguard-core`), and nothing else.
 mod convert;
 mod errors;
+mod fork;
 mod guard;
 mod types;
 
@@ -12,7 +13,8 @@ use pyo3::prelude::*;
 mod _core {
     #[pymodule_export]
     use super::guard::{
-        count_tokens, set_vocabulary, vocabulary_path, PyQuotaGuard, PyReservation,
+        _fork_child, _fork_parent, _fork_prepare, _redact, count_tokens, set_vocabulary,
+        vocabulary_path, PyQuotaGuard, PyReservation,
     };
     #[pymodule_export]
     use super::types::{PyAlert, PyBill, PyBillLine, PyHourStats, PyQuota, PyUsageRecord};

@@ -1,6 +1,6 @@
 """The ``quotaguard`` command line: the ledger as the Model Studio console shows it.
 
-``quotaguard status | records | bill | grant | free-only | sync | prices | demo``, each
+``quotaguard status | records | bill | grant | free-only | sync | prices | doctor | demo``, each
 reading the same ledger as the library (``--ledger URL``, else ``$QUOTAGUARD_LEDGER``,
 else ``~/.quotaguard/ledger.db``). Bad input is reported on one line of stderr
 (``quotaguard: error: ...``) with exit code 2; an operation the rules refuse, or a
@@ -15,6 +15,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -30,7 +31,17 @@ if TYPE_CHECKING:
 __all__ = ["format_bill", "format_quota", "main"]
 
 PROG = "quotaguard"
-COMMANDS = ("status", "records", "bill", "grant", "free-only", "sync", "prices", "demo")
+COMMANDS = (
+    "status",
+    "records",
+    "bill",
+    "grant",
+    "free-only",
+    "sync",
+    "prices",
+    "doctor",
+    "demo",
+)
 
 
 class UsageError(Exception):
@@ -187,12 +198,17 @@ def _print_json(data: Any, out: IO[str]) -> None:
 def _guard(args: argparse.Namespace, **overrides: Any) -> QuotaGuard:
     from .guard import QuotaGuard
 
+    # An option given is passed as given: `--account ""` is an error, not the default.
+    def given(name: str, default: Any) -> Any:
+        value = getattr(args, name, None)
+        return default if value is None else value
+
     options: dict[str, Any] = {
-        "ledger": getattr(args, "ledger", None),
-        "account": getattr(args, "account", None) or "default",
-        "region": getattr(args, "region", None) or "cn-beijing",
-        "site": getattr(args, "site", None) or "china",
-        "catalog": getattr(args, "catalog", None),
+        "ledger": given("ledger", None),
+        "account": given("account", "default"),
+        "region": given("region", "cn-beijing"),
+        "site": given("site", "china"),
+        "catalog": given("catalog", None),
     }
     options.update(overrides)
     return QuotaGuard(**options)
@@ -435,12 +451,37 @@ def cmd_prices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    guard = _guard(args)
+    found = guard._check_all()
+    problems = [text for problem, text in found if problem]
+    if args.json:
+        _print_json(
+            {
+                "ledger": guard.ledger,
+                "account": guard.account,
+                "ok": not problems,
+                "findings": [{"problem": p, "text": t} for p, t in found],
+            },
+            sys.stdout,
+        )
+    else:
+        print(f"quotaguard doctor · ledger {guard.ledger} · account {guard.account!r}")
+        for problem, text in found:
+            print(f"{'PROBLEM' if problem else 'ok':<8} {text}")
+        if problems:
+            print(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} found")
+        else:
+            print("every check holds")
+    return 1 if problems else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(
         ledger=args.ledger,
-        account=args.account or "demo",
+        account="demo" if args.account is None else args.account,
         model=args.model,
         quota=args.quota,
         calls=args.calls,
@@ -564,6 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="as JSON")
 
     p = command(
+        "doctor",
+        cmd_doctor,
+        "check the ledger: its integrity, its invariants, its permissions (exit 0 when all hold)",
+    )
+    p.add_argument("--json", action="store_true", help="as JSON")
+
+    p = command(
         "demo",
         cmd_demo,
         "guarded calls against a local test server until the free quota refuses one",
@@ -597,8 +645,27 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {_redact(message)}", file=sys.stderr)
     return code
+
+
+def _redact(text: str) -> str:
+    """The text with the password of every URL in it hidden, whatever the scheme."""
+    from ._core import _redact as redact
+
+    return redact(text)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: IO[str] | None = None,
+    line: str | None = None,
+) -> None:
+    # One line on stderr, as errors are: no file name and line of the library.
+    print(f"{PROG}: warning: {_redact(_one_line(Exception(str(message))))}", file=sys.stderr)
 
 
 def _tolerant_output() -> None:
@@ -626,7 +693,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"choose a command: {', '.join(COMMANDS)} (see `{PROG} --help`)", 2)
     debug = bool(os.environ.get("QUOTAGUARD_DEBUG"))
     try:
-        code: int = args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            code: int = args.func(args)
         return code
     except UsageError as e:
         return _fail(str(e), 2)

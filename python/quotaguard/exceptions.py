@@ -14,6 +14,7 @@ __all__ = [
     "FreeTierOnly",
     "LeaseExpiredWarning",
     "LedgerError",
+    "LedgerPermissionWarning",
     "QuotaGuardError",
 ]
 
@@ -87,3 +88,8 @@ class LedgerError(QuotaGuardError):
 
 class LeaseExpiredWarning(UserWarning):
     """A reservation was settled after its lease ended; the usage was recorded anyway."""
+
+
+class LedgerPermissionWarning(UserWarning):
+    """The ledger's directory or files are open to other users and quotaguard could not
+    tighten them (it tightens what it owns to ``0600``/``0700`` by itself)."""

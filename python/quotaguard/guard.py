@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -25,6 +26,16 @@ if TYPE_CHECKING:
 __all__ = ["Budget", "QuotaGuard", "record_to_dict"]
 
 logger = logging.getLogger("quotaguard")
+
+# fork() while other threads are inside a ledger call: the core waits for them and
+# keeps new calls out across the fork, so the child finds no lock held; the child's
+# ledgers then open connections of their own.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_core._fork_prepare,
+        after_in_parent=_core._fork_parent,
+        after_in_child=_core._fork_child,
+    )
 
 F = TypeVar("F", bound=Callable[..., Any])
 AlertCallback = Callable[[Alert], object]
@@ -286,16 +297,20 @@ class Budget:
         cost: Decimal | int | str | None = None,
         name: str | None = None,
     ) -> None:
+        # Validated by the core now, not at __enter__, so a bad limit fails where it is
+        # written (ValueError or TypeError naming it); the limits are then as it read them.
+        probe = guard._open_budget(tokens, cost, name)
+        try:
+            _, _, tokens_limit, cost_limit = guard._budget_state(probe)
+        finally:
+            guard._close_budget(probe)
+            guard._drop_budget(probe)
         self._guard = guard
         self.name = name
-        self.tokens_limit = tokens
-        self.cost_limit = None if cost is None else Decimal(str(cost))
+        self.tokens_limit = tokens_limit
+        self.cost_limit = cost_limit
         self._id: int | None = None
         self._final: tuple[int, Decimal, int | None, Decimal | None] | None = None
-        # Validate now, not at __enter__, so a bad limit fails where it is written.
-        probe = guard._open_budget(tokens, cost, name)
-        guard._close_budget(probe)
-        guard._drop_budget(probe)
 
     def __enter__(self) -> Budget:
         if self._id is not None:
