@@ -21,7 +21,7 @@ use chrono::NaiveDate;
 use crate::clock::{cst_day_start, to_utc, MAX_TIME_MS, MIN_TIME_MS};
 use crate::config::MAX_LEASE_SECONDS;
 use crate::error::{thousands, Result};
-use crate::ledger::{Ledger, Now, RecordQuery};
+use crate::ledger::{Ledger, Now};
 use crate::rules::Kind;
 
 /// One line of a check.
@@ -69,7 +69,7 @@ fn signed(n: i128) -> String {
 pub fn check(ledger: &dyn Ledger, account: &str, now: Now) -> Result<Vec<Finding>> {
     let now_ms = now.ms();
     let mut out = Vec::new();
-    let insp = ledger.inspect(account)?;
+    let insp = ledger.inspect(account, now)?;
     if insp.problems.is_empty() {
         out.push(Finding::ok(format!(
             "ledger {}: the engine's own checks hold",
@@ -78,22 +78,15 @@ pub fn check(ledger: &dyn Ledger, account: &str, now: Now) -> Result<Vec<Finding
     }
     out.extend(insp.problems.iter().cloned().map(Finding::problem));
 
-    let quotas = ledger.quotas(account, now)?;
-    let first = NaiveDate::from_ymd_opt(1, 1, 1).unwrap_or(NaiveDate::MIN);
-    let last = NaiveDate::from_ymd_opt(9999, 12, 31).unwrap_or(NaiveDate::MAX);
-    let daily = ledger.daily(account, first, last)?;
-    let records = ledger.records(&RecordQuery {
-        account: account.to_string(),
-        ..Default::default()
-    })?;
+    let (quotas, daily, records) = (&insp.quotas, &insp.daily, &insp.records);
 
     // Free tokens per model by the daily totals (compaction keeps them).
     let mut totals_free: BTreeMap<&str, u128> = BTreeMap::new();
-    for d in &daily {
+    for d in daily {
         *totals_free.entry(d.model.as_str()).or_default() += u128::from(d.free_tokens);
     }
 
-    for (model, q, held) in &quotas {
+    for (model, q, held) in quotas {
         if !sane(q.activated_ms) {
             out.push(Finding::problem(format!(
                 "{model:?}: its quota was activated in year {}, outside 2015..2100 (a time in \
@@ -160,7 +153,7 @@ pub fn check(ledger: &dyn Ledger, account: &str, now: Now) -> Result<Vec<Finding
     let mut by_day: BTreeMap<(NaiveDate, &str, Kind), (u64, u128)> = BTreeMap::new();
     let mut odd_times = 0u64;
     let mut odd_example = None;
-    for r in &records {
+    for r in records {
         if !sane(r.time_ms) {
             odd_times += 1;
             odd_example.get_or_insert(r.time_ms);
@@ -177,7 +170,7 @@ pub fn check(ledger: &dyn Ledger, account: &str, now: Now) -> Result<Vec<Finding
     };
     let mut days_checked = 0u64;
     let mut mismatched = 0u64;
-    for d in &daily {
+    for d in daily {
         if !intact(d.day) {
             continue;
         }

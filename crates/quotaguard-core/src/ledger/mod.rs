@@ -405,12 +405,19 @@ impl RecordQuery {
     }
 }
 
-/// What only the engine knows, for [`crate::guard::Guard::check`].
+/// An account's part of a ledger read in one step (a consistent snapshot, however
+/// busy the ledger), with what only the engine knows: for [`crate::check`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inspection {
     /// What the engine's own checks found wrong (SQLite's `integrity_check`, the
     /// permissions of its files), one line each, saying what to do.
     pub problems: Vec<String>,
+    /// Every quota row, with the free tokens its live reservations hold.
+    pub quotas: Vec<(String, QuotaRow, u64)>,
+    /// Every daily total.
+    pub daily: Vec<DailyRow>,
+    /// Every record (those compacted away are gone).
+    pub records: Vec<UsageRecord>,
     /// Per model, the free tokens reconciliation (R12: console figures, the service's
     /// `FreeTierOnly`) added to `used` (negative: gave back), since the model's row was
     /// made or the ledger was upgraded to count them.
@@ -484,9 +491,9 @@ pub trait Ledger: Send + Sync {
     fn recovery_due(&self) -> bool {
         false
     }
-    /// What the engine's checks and the account's bookkeeping show, for a check of the
-    /// ledger's invariants.
-    fn inspect(&self, account: &str) -> Result<Inspection>;
+    /// The account's part of the ledger in one step, and what the engine's own checks
+    /// show, for a check of the ledger's invariants.
+    fn inspect(&self, account: &str, now: Now) -> Result<Inspection>;
     /// What opening the ledger found worth a warning (loose permissions it could not
     /// tighten), one line each.
     fn warnings(&self) -> Vec<String> {
@@ -890,11 +897,25 @@ impl<B: Backend> Ledger for Local<B> {
         self.0.write(|tx| tx.compact(account, before_ms))
     }
 
-    fn inspect(&self, account: &str) -> Result<Inspection> {
+    fn inspect(&self, account: &str, now: Now) -> Result<Inspection> {
         let problems = self.0.integrity()?;
         self.0.read(|tx| {
+            let mut quotas = Vec::new();
+            for m in tx.quota_models(account)? {
+                if let Some(q) = tx.quota(account, &m)? {
+                    let held = tx.reserved(account, &m, now.ms(), None)?;
+                    quotas.push((m, q, held));
+                }
+            }
+            let (first, last) = all_days();
             Ok(Inspection {
                 problems,
+                quotas,
+                daily: tx.daily(account, first, last)?,
+                records: tx.records(&RecordQuery {
+                    account: account.to_string(),
+                    ..Default::default()
+                })?,
                 adjusted: tx.adjustments(account)?,
                 compacted_before: tx.compacted_before(account)?,
                 reservations: tx.reservations(account)?,
@@ -933,6 +954,14 @@ pub fn open(url: &LedgerUrl, create_dir: Option<&std::path::Path>) -> Result<Box
             crate::config::spill_dir(),
         )?)),
     }
+}
+
+/// Every CST day a ledger can hold a total for, as `[from, to)`.
+pub fn all_days() -> (NaiveDate, NaiveDate) {
+    (
+        NaiveDate::from_ymd_opt(1, 1, 1).unwrap_or(NaiveDate::MIN),
+        NaiveDate::from_ymd_opt(9999, 12, 31).unwrap_or(NaiveDate::MAX),
+    )
 }
 
 /// CST days `[from, to)` as epoch-millisecond bounds.

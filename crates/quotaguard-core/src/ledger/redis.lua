@@ -314,6 +314,23 @@ if op == 'reconcile' then
   return quota_reply(quota(model), {'OK'})
 end
 
+if op == 'inspect' then
+  -- Everything a check of the ledger reads, in one step: a consistent snapshot of the
+  -- account. Each model with its quota row and its reservations, each hour with its
+  -- totals, every record, the settles half-way, the compaction point.
+  local models = {}
+  for _, m in ipairs(redis.call('SMEMBERS', p .. 'models')) do
+    table.insert(models, {m, redis.call('HGETALL', p .. 'q:' .. m),
+      redis.call('HGETALL', p .. 'res:' .. m)})
+  end
+  local hours = {}
+  for _, h in ipairs(redis.call('ZRANGE', p .. 'hours', 0, -1)) do
+    table.insert(hours, {h, redis.call('HGETALL', p .. 'tot:' .. h)})
+  end
+  return {'INSPECT', models, hours, redis.call('XRANGE', p .. 'rec', '-', '+'),
+    redis.call('HGETALL', p .. 'pending'), redis.call('GET', p .. 'compacted') or ''}
+end
+
 if op == 'free_only' then
   -- enable, then the models the library allowed
   local out = {'OK'}

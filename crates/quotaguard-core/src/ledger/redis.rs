@@ -774,23 +774,85 @@ impl Redis {
         })?;
         let mut out = Vec::new();
         for h in hours {
-            let all: HashMap<String, String> =
+            let all: Vec<(String, String)> =
                 self.with_conn(|c| redis::cmd("HGETALL").arg(format!("{p}tot:{h}")).query(c))?;
-            let mut t: HourTotals = BTreeMap::new();
-            for (k, v) in all {
-                let mut parts = k.split(SEP);
-                let (Some(m), Some(kind), Some(field)) = (parts.next(), parts.next(), parts.next())
-                else {
-                    continue;
-                };
-                t.entry((m.to_string(), kind.to_string()))
-                    .or_default()
-                    .insert(field.to_string(), v);
-            }
-            out.push((h, t));
+            out.push((h, hour_totals(all)));
         }
         Ok(out)
     }
+}
+
+/// An hour's totals from its hash: (model, kind) -> field -> value.
+fn hour_totals(all: Vec<(String, String)>) -> HourTotals {
+    let mut t: HourTotals = BTreeMap::new();
+    for (k, v) in all {
+        let mut parts = k.split(SEP);
+        let (Some(m), Some(kind), Some(field)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        t.entry((m.to_string(), kind.to_string()))
+            .or_default()
+            .insert(field.to_string(), v);
+    }
+    t
+}
+
+/// A flat `[k1, v1, k2, v2, …]` reply as pairs.
+fn pairs(v: &Value) -> Vec<(String, String)> {
+    match v {
+        Value::Array(items) => items
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (text(&c[0]), text(&c[1])))
+            .collect(),
+        Value::Map(m) => m.iter().map(|(k, v)| (text(k), text(v))).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Hours of totals added up to CST days.
+fn days_of(hours: Vec<(i64, HourTotals)>) -> Vec<DailyRow> {
+    let mut days: BTreeMap<(chrono::NaiveDate, String, Kind), DailyRow> = BTreeMap::new();
+    for (hour, totals) in hours {
+        for ((model, kind), f) in totals {
+            if field_u64(&f, "records") == 0 {
+                continue;
+            }
+            let kind = Kind::parse(&kind).unwrap_or(Kind::Realtime);
+            let day = cst_day(hour);
+            let d = days
+                .entry((day, model.clone(), kind))
+                .or_insert_with(|| DailyRow {
+                    day,
+                    model: model.clone(),
+                    kind,
+                    calls: 0,
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    free_tokens: 0,
+                    billable_input_tokens: 0,
+                    billable_output_tokens: 0,
+                    cost: 0,
+                    unpriced_calls: 0,
+                    currency: f
+                        .get("currency")
+                        .and_then(|c| Currency::parse(c).ok())
+                        .unwrap_or(Currency::Cny),
+                });
+            d.calls += field_u64(&f, "records");
+            d.input_tokens += field_u64(&f, "input_tokens");
+            d.output_tokens += field_u64(&f, "output_tokens");
+            d.free_tokens += field_u64(&f, "free_tokens");
+            d.billable_input_tokens += field_u64(&f, "billable_input");
+            d.billable_output_tokens += field_u64(&f, "billable_output");
+            d.cost += f
+                .get("cost")
+                .and_then(|c| c.parse::<i128>().ok())
+                .unwrap_or(0);
+            d.unpriced_calls += field_u64(&f, "unpriced_calls");
+        }
+    }
+    days.into_values().collect()
 }
 
 fn field_u64(f: &HashMap<String, String>, k: &str) -> u64 {
@@ -1007,47 +1069,7 @@ impl Ledger for Redis {
         to: chrono::NaiveDate,
     ) -> Result<Vec<DailyRow>> {
         let (from_ms, to_ms) = super::day_bounds(from, to);
-        let mut days: BTreeMap<(chrono::NaiveDate, String, Kind), DailyRow> = BTreeMap::new();
-        for (hour, totals) in self.hours(account, from_ms, to_ms)? {
-            for ((model, kind), f) in totals {
-                if field_u64(&f, "records") == 0 {
-                    continue;
-                }
-                let kind = Kind::parse(&kind).unwrap_or(Kind::Realtime);
-                let day = cst_day(hour);
-                let d = days
-                    .entry((day, model.clone(), kind))
-                    .or_insert_with(|| DailyRow {
-                        day,
-                        model: model.clone(),
-                        kind,
-                        calls: 0,
-                        input_tokens: 0,
-                        output_tokens: 0,
-                        free_tokens: 0,
-                        billable_input_tokens: 0,
-                        billable_output_tokens: 0,
-                        cost: 0,
-                        unpriced_calls: 0,
-                        currency: f
-                            .get("currency")
-                            .and_then(|c| Currency::parse(c).ok())
-                            .unwrap_or(Currency::Cny),
-                    });
-                d.calls += field_u64(&f, "records");
-                d.input_tokens += field_u64(&f, "input_tokens");
-                d.output_tokens += field_u64(&f, "output_tokens");
-                d.free_tokens += field_u64(&f, "free_tokens");
-                d.billable_input_tokens += field_u64(&f, "billable_input");
-                d.billable_output_tokens += field_u64(&f, "billable_output");
-                d.cost += f
-                    .get("cost")
-                    .and_then(|c| c.parse::<i128>().ok())
-                    .unwrap_or(0);
-                d.unpriced_calls += field_u64(&f, "unpriced_calls");
-            }
-        }
-        Ok(days.into_values().collect())
+        Ok(days_of(self.hours(account, from_ms, to_ms)?))
     }
 
     fn hourly(
@@ -1150,28 +1172,38 @@ impl Ledger for Redis {
                 > RECOVERY_EVERY_MS
     }
 
-    fn inspect(&self, account: &str) -> Result<Inspection> {
-        let p = prefix(account);
+    fn inspect(&self, account: &str, now: Now) -> Result<Inspection> {
+        let reply = self.step(account, "inspect", now, &[])?;
+        let arr = |i: usize| match reply.get(i) {
+            Some(Value::Array(v)) => v.clone(),
+            _ => Vec::new(),
+        };
         let mut out = Inspection::default();
-        let models: Vec<String> =
-            self.with_conn(|c| redis::cmd("SMEMBERS").arg(format!("{p}models")).query(c))?;
-        for model in models {
-            let adj: Option<i64> = self.with_conn(|c| {
-                redis::cmd("HGET")
-                    .arg(format!("{p}q:{model}"))
-                    .arg("adj")
-                    .query(c)
-            })?;
-            out.adjusted.insert(model.clone(), adj.unwrap_or(0));
-            let held: Vec<(String, String)> = self.with_conn(|c| {
-                redis::cmd("HGETALL")
-                    .arg(format!("{p}res:{model}"))
-                    .query(c)
-            })?;
-            for (id, v) in held {
+        let now_ms = match now {
+            Now::Caller(ms) => ms,
+            // The server's clock judges leases; its reading is close enough to ours here.
+            Now::System(ms) => ms,
+        };
+        for entry in arr(1) {
+            let Value::Array(parts) = entry else { continue };
+            let model = parts.first().map(text).unwrap_or_default();
+            let fields: HashMap<String, String> =
+                parts.get(1).map(pairs).unwrap_or_default().into_iter().collect();
+            let f = |k: &str| fields.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+            let q = QuotaRow {
+                total: u64::try_from(f("total")).unwrap_or(0),
+                used: u64::try_from(f("used")).unwrap_or(0),
+                activated_ms: f("act"),
+                valid_days: u32::try_from(f("days")).unwrap_or(0),
+                free_only: f("fo") == 1,
+                configured: f("cfg") == 1,
+            };
+            out.adjusted.insert(model.clone(), f("adj"));
+            let mut held = 0u64;
+            for (id, v) in parts.get(2).map(pairs).unwrap_or_default() {
                 // exp,free,worst,created,input,kind,thinking
-                let f: Vec<&str> = v.split(',').collect();
-                let n = |i: usize| f.get(i).and_then(|x| x.parse::<i64>().ok());
+                let v_parts: Vec<&str> = v.split(',').collect();
+                let n = |i: usize| v_parts.get(i).and_then(|x| x.parse::<i64>().ok());
                 let (Some(exp), Some(free), Some(worst), Some(created), Some(input)) =
                     (n(0), n(1), n(2), n(3), n(4))
                 else {
@@ -1180,33 +1212,47 @@ impl Ledger for Redis {
                     ));
                     continue;
                 };
-                out.reservations.push(ReservationRow {
+                let row = ReservationRow {
                     id: id.parse().unwrap_or(0),
                     account: account.to_string(),
                     model: model.clone(),
-                    kind: f
+                    kind: v_parts
                         .get(5)
                         .and_then(|k| Kind::parse(k).ok())
                         .unwrap_or(Kind::Realtime),
-                    thinking: f.get(6) == Some(&"1"),
+                    thinking: v_parts.get(6) == Some(&"1"),
                     input_tokens: u64::try_from(input).unwrap_or(0),
                     worst: u64::try_from(worst).unwrap_or(0),
                     free_part: u64::try_from(free).unwrap_or(0),
                     created_ms: created,
                     expires_ms: exp,
-                });
+                };
+                if row.expires_ms > now_ms {
+                    held += row.free_part;
+                }
+                out.reservations.push(row);
+            }
+            if fields.contains_key("total") {
+                out.quotas.push((model, q, held));
             }
         }
-        let compacted: Option<i64> =
-            self.with_conn(|c| redis::cmd("GET").arg(format!("{p}compacted")).query(c))?;
-        out.compacted_before = compacted;
-        let pending: Vec<(String, String)> =
-            self.with_conn(|c| redis::cmd("HGETALL").arg(format!("{p}pending")).query(c))?;
-        for (_, v) in pending {
+        out.quotas.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut hours = Vec::new();
+        for entry in arr(2) {
+            let Value::Array(parts) = entry else { continue };
+            let hour = parts.first().map_or(0, int);
+            hours.push((hour, hour_totals(parts.get(1).map(pairs).unwrap_or_default())));
+        }
+        out.daily = days_of(hours);
+        let mut records = parse_stream(&Value::Array(arr(3)));
+        records.sort_by_key(|r| (r.time_ms, r.id));
+        out.records = records;
+        for (_, v) in pairs(&Value::Array(arr(4))) {
             if let Ok((req, t)) = self.parse_pending(&v) {
                 *out.pending.entry(req.model).or_insert(0) += t.free;
             }
         }
+        out.compacted_before = reply.get(5).map(text).and_then(|c| c.parse().ok());
         Ok(out)
     }
 }

@@ -908,3 +908,30 @@ fn loose_files_of_a_ledger_are_tightened() {
     assert!(w.len() == 1 && w[0].contains("every user"), "{w:?}");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
 }
+
+#[test]
+fn a_check_reads_one_consistent_state_while_others_write() {
+    for e in engines() {
+        let g = Arc::new(e.granted(100_000_000));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                let (g, stop) = (Arc::clone(&g), Arc::clone(&stop));
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let r = reserve(&g, 20, T0).unwrap();
+                        settle(&g, &r, 7, 6, T0);
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..15 {
+            assert_eq!(problems(&g, T0), Vec::<String>::new(), "{}", e.name);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for w in workers {
+            w.join().unwrap();
+        }
+        assert!(problems(&g, T0).is_empty(), "{}", e.name);
+    }
+}
