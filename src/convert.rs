@@ -34,33 +34,20 @@ pub fn tokens(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
     if obj.is_instance_of::<PyInt>() {
         return int_tokens(obj, what);
     }
-    // An object that says it is an integer: asked once, as operator.index asks, and its
-    // answer must be an int (an `__index__` returning itself is refused, not followed).
-    if obj.get_type().hasattr("__index__").unwrap_or(false) {
-        let index = obj.py().import("operator")?.getattr("index")?;
-        return match index.call1((obj,)) {
-            Ok(n) if n.is_instance_of::<PyInt>() && !n.is_instance_of::<PyBool>() => {
-                int_tokens(&n, what)
-            }
-            Ok(n) => Err(type_error(format!(
-                "{what} must be an int, not {} {} (its __index__ gave {})",
-                type_name(obj),
-                shown(obj),
-                type_name(&n)
-            ))),
-            Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(obj.py()) => {
-                Err(type_error(format!(
-                    "{what} must be an int, not {} {} ({})",
-                    type_name(obj),
-                    shown(obj),
-                    e.value(obj.py())
-                        .str()
-                        .map(|s| s.to_string())
-                        .unwrap_or_default()
-                )))
-            }
-            Err(e) => Err(e),
-        };
+    // An object that says it is an integer: its type's `__index__` is asked once, and
+    // the answer must be an int (one returning itself is refused, not followed).
+    if let Ok(index) = obj.get_type().getattr("__index__") {
+        let answer = index.call1((obj,))?;
+        if answer.is_instance_of::<PyInt>() && !answer.is_instance_of::<PyBool>() {
+            return int_tokens(&answer, what);
+        }
+        return Err(type_error(format!(
+            "{what} must be an int, not {} {} (its __index__ returned {} {})",
+            type_name(obj),
+            shown(obj),
+            type_name(&answer),
+            shown(&answer)
+        )));
     }
     if obj.is_instance_of::<PyFloat>() || obj.hasattr("as_integer_ratio").unwrap_or(false) {
         return Err(PyValueError::new_err(format!(

@@ -33,6 +33,7 @@ from .exceptions import (
     FreeTierOnly,
     LeaseExpiredWarning,
     LedgerError,
+    LedgerPermissionWarning,
     QuotaGuardError,
 )
 from .guard import Budget, QuotaGuard, record_to_dict
@@ -50,6 +51,7 @@ __all__ = [
     "HourStats",
     "LeaseExpiredWarning",
     "LedgerError",
+    "LedgerPermissionWarning",
     "Quota",
     "QuotaGuard",
     "QuotaGuardError",

@@ -645,8 +645,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {_redact(message)}", file=sys.stderr)
+    print(f"{PROG}: error: {_printable(_redact(message))}", file=sys.stderr)
     return code
+
+
+def _printable(text: str) -> str:
+    """One line of printable text: runs of white space (line breaks included) become one
+    space, and any other unprintable character its escape."""
+    text = " ".join(text.split())
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) or "?"
 
 
 def _redact(text: str) -> str:
@@ -665,7 +672,7 @@ def _show_warning(
     line: str | None = None,
 ) -> None:
     # One line on stderr, as errors are: no file name and line of the library.
-    print(f"{PROG}: warning: {_redact(_one_line(Exception(str(message))))}", file=sys.stderr)
+    print(f"{PROG}: warning: {_printable(_redact(str(message)))}", file=sys.stderr)
 
 
 def _tolerant_output() -> None:
