@@ -17,4 +17,7 @@ pub mod quota;
 pub mod rules;
 pub mod tokens;
 
+#[cfg(test)]
+mod proptests;
+
 pub use error::{QuotaError, Result};
