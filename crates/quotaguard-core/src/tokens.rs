@@ -1329,10 +1329,14 @@ mod tests {
         assert_send_sync::<TokenError>();
     }
 
-    /// The real Qwen vocabulary, if `QWEN_TIKTOKEN` names it.
-    fn qwen() -> Option<Arc<Vocabulary>> {
-        let path = std::env::var_os("QWEN_TIKTOKEN")?;
-        Some(cached_vocabulary(Path::new(&path)).expect("QWEN_TIKTOKEN names a valid vocabulary"))
+    /// The real Qwen vocabulary, which `QWEN_TIKTOKEN` must name. The tests that need it
+    /// are ignored by a plain `cargo test` (and say so); `.ci/run` runs them with
+    /// `--include-ignored`, where a missing vocabulary fails them.
+    fn qwen() -> Arc<Vocabulary> {
+        let path = std::env::var_os("QWEN_TIKTOKEN").expect(
+            "QWEN_TIKTOKEN must name the Qwen vocabulary (dashscope's resources/qwen.tiktoken)",
+        );
+        cached_vocabulary(Path::new(&path)).expect("QWEN_TIKTOKEN names a valid vocabulary")
     }
 
     /// Expected counts produced once with tiktoken 0.14.0 and dashscope's
@@ -1374,11 +1378,9 @@ mod tests {
     ];
 
     #[test]
+    #[ignore = "needs QWEN_TIKTOKEN (the Qwen vocabulary); .ci/run runs it"]
     fn qwen_counts_equal_tiktoken() {
-        let Some(vocab) = qwen() else {
-            eprintln!("QWEN_TIKTOKEN unset: skipped");
-            return;
-        };
+        let vocab = qwen();
         assert_eq!(vocab.len(), 151_643);
         for &(text, ordinary, specials, dashscope) in QWEN_CASES {
             assert_eq!(vocab.count(text), ordinary, "{text:?}");
@@ -1390,11 +1392,9 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs QWEN_TIKTOKEN (the Qwen vocabulary); .ci/run runs it"]
     fn qwen_chat_bound_is_framing_plus_counts() {
-        let Some(vocab) = qwen() else {
-            eprintln!("QWEN_TIKTOKEN unset: skipped");
-            return;
-        };
+        let vocab = qwen();
         let messages = [
             ChatMessage {
                 role: "user",
