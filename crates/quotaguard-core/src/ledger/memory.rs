@@ -162,20 +162,7 @@ impl Tx for State {
         let day = cst_day(r.time_ms);
         let d = slot(slot(&mut self.daily, &r.account), &r.model)
             .entry((day, r.kind))
-            .or_insert_with(|| DailyRow {
-                day,
-                model: r.model.clone(),
-                kind: r.kind,
-                calls: 0,
-                input_tokens: 0,
-                output_tokens: 0,
-                free_tokens: 0,
-                billable_input_tokens: 0,
-                billable_output_tokens: 0,
-                cost: 0,
-                unpriced_calls: 0,
-                currency: r.currency,
-            });
+            .or_insert_with(|| DailyRow::new(day, r.model.clone(), r.kind, r.currency));
         d.calls += 1;
         d.input_tokens += r.input_tokens;
         d.output_tokens += r.output_tokens;

@@ -91,6 +91,38 @@ pub struct DailyRow {
     pub currency: Currency,
 }
 
+impl DailyRow {
+    /// A day's totals of a model and kind, before any call.
+    pub fn new(day: NaiveDate, model: String, kind: Kind, currency: Currency) -> Self {
+        Self {
+            day,
+            model,
+            kind,
+            calls: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            free_tokens: 0,
+            billable_input_tokens: 0,
+            billable_output_tokens: 0,
+            cost: 0,
+            unpriced_calls: 0,
+            currency,
+        }
+    }
+
+    /// Adds another part of the same day, model and kind (an hour's totals).
+    pub fn absorb(&mut self, o: &DailyRow) {
+        self.calls += o.calls;
+        self.input_tokens += o.input_tokens;
+        self.output_tokens += o.output_tokens;
+        self.free_tokens += o.free_tokens;
+        self.billable_input_tokens += o.billable_input_tokens;
+        self.billable_output_tokens += o.billable_output_tokens;
+        self.cost += o.cost;
+        self.unpriced_calls += o.unpriced_calls;
+    }
+}
+
 /// Call statistics per model per hour (R14).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HourRow {

@@ -1015,36 +1015,27 @@ impl Ledger for Redis {
                 }
                 let kind = Kind::parse(&kind).unwrap_or(Kind::Realtime);
                 let day = cst_day(hour);
-                let d = days
-                    .entry((day, model.clone(), kind))
-                    .or_insert_with(|| DailyRow {
-                        day,
-                        model: model.clone(),
-                        kind,
-                        calls: 0,
-                        input_tokens: 0,
-                        output_tokens: 0,
-                        free_tokens: 0,
-                        billable_input_tokens: 0,
-                        billable_output_tokens: 0,
-                        cost: 0,
-                        unpriced_calls: 0,
-                        currency: f
-                            .get("currency")
-                            .and_then(|c| Currency::parse(c).ok())
-                            .unwrap_or(Currency::Cny),
-                    });
-                d.calls += field_u64(&f, "records");
-                d.input_tokens += field_u64(&f, "input_tokens");
-                d.output_tokens += field_u64(&f, "output_tokens");
-                d.free_tokens += field_u64(&f, "free_tokens");
-                d.billable_input_tokens += field_u64(&f, "billable_input");
-                d.billable_output_tokens += field_u64(&f, "billable_output");
-                d.cost += f
-                    .get("cost")
-                    .and_then(|c| c.parse::<i128>().ok())
-                    .unwrap_or(0);
-                d.unpriced_calls += field_u64(&f, "unpriced_calls");
+                let currency = f
+                    .get("currency")
+                    .and_then(|c| Currency::parse(c).ok())
+                    .unwrap_or(Currency::Cny);
+                let hour_row = DailyRow {
+                    calls: field_u64(&f, "records"),
+                    input_tokens: field_u64(&f, "input_tokens"),
+                    output_tokens: field_u64(&f, "output_tokens"),
+                    free_tokens: field_u64(&f, "free_tokens"),
+                    billable_input_tokens: field_u64(&f, "billable_input"),
+                    billable_output_tokens: field_u64(&f, "billable_output"),
+                    cost: f
+                        .get("cost")
+                        .and_then(|c| c.parse::<i128>().ok())
+                        .unwrap_or(0),
+                    unpriced_calls: field_u64(&f, "unpriced_calls"),
+                    ..DailyRow::new(day, model.clone(), kind, currency)
+                };
+                days.entry((day, model, kind))
+                    .or_insert_with(|| DailyRow::new(day, hour_row.model.clone(), kind, currency))
+                    .absorb(&hour_row);
             }
         }
         Ok(days.into_values().collect())

@@ -763,17 +763,7 @@ impl Tx for SqliteTx<'_> {
                 Entry::Vacant(v) => {
                     v.insert(row);
                 }
-                Entry::Occupied(mut o) => {
-                    let d = o.get_mut();
-                    d.calls += row.calls;
-                    d.input_tokens += row.input_tokens;
-                    d.output_tokens += row.output_tokens;
-                    d.free_tokens += row.free_tokens;
-                    d.billable_input_tokens += row.billable_input_tokens;
-                    d.billable_output_tokens += row.billable_output_tokens;
-                    d.cost += row.cost;
-                    d.unpriced_calls += row.unpriced_calls;
-                }
+                Entry::Occupied(mut o) => o.get_mut().absorb(&row),
             }
         }
         Ok(days.into_values().collect())
