@@ -99,6 +99,9 @@ pub enum QuotaError {
     /// (Python `QuotaGuardError`).
     #[error("{0}")]
     Rejected(String),
+    /// The ledger is blocked by its kill switch (R15; Python `Blocked`): the reason.
+    #[error("every call is refused: the ledger is blocked ({0:?}); `quotaguard unblock` lifts it")]
+    Blocked(String),
     /// The ledger could not be read or written (Python `LedgerError`).
     #[error("ledger {ledger}: {message}")]
     Ledger { ledger: String, message: String },

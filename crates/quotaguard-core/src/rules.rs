@@ -225,6 +225,7 @@ pub fn check_free_only_change(model: &str, enable: bool, remaining: u64) -> Resu
 pub enum AlertKind {
     QuotaLow,
     QuotaDepleted,
+    QuotaExpiring,
     DailySpend,
 }
 
@@ -233,6 +234,7 @@ impl AlertKind {
         match self {
             Self::QuotaLow => "quota_low",
             Self::QuotaDepleted => "quota_depleted",
+            Self::QuotaExpiring => "quota_expiring",
             Self::DailySpend => "daily_spend",
         }
     }

@@ -22,6 +22,7 @@ type PerModel<T> = HashMap<String, HashMap<String, T>>;
 struct State {
     quotas: HashMap<String, BTreeMap<String, QuotaRow>>,
     accounts: HashMap<String, AccountRow>,
+    blocked: HashMap<String, String>,
     /// account -> model -> id -> reservation, as SQLite keys them.
     reservations: PerModel<HashMap<i64, ReservationRow>>,
     records: Vec<UsageRecord>,
@@ -151,6 +152,18 @@ impl Tx for State {
 
     fn account(&mut self, account: &str) -> Result<AccountRow> {
         Ok(self.accounts.get(account).copied().unwrap_or_default())
+    }
+
+    fn blocked(&mut self, account: &str) -> Result<Option<String>> {
+        Ok(self.blocked.get(account).cloned())
+    }
+
+    fn set_blocked(&mut self, account: &str, reason: Option<&str>, _now_ms: i64) -> Result<()> {
+        match reason {
+            Some(r) => self.blocked.insert(account.to_string(), r.to_string()),
+            None => self.blocked.remove(account),
+        };
+        Ok(())
     }
 
     fn put_account(&mut self, account: &str, a: &AccountRow) -> Result<()> {

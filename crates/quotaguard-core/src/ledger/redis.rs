@@ -207,6 +207,7 @@ fn commit_block(args: &mut Vec<String>, c: &super::Commit, r: &TakeRequest) -> R
     args.push(c.marks.len().to_string());
     for m in &c.marks {
         args.push(m.key(&r.model));
+        args.push(m.at_least.to_string());
         args.push(m.at_or_below.to_string());
     }
     Ok(())
@@ -894,12 +895,13 @@ impl Ledger for Redis {
                 }))
             }
             Some("REFUSED") => {
-                let quota = quota_at(&reply, 3);
+                let quota = quota_at(&reply, 4);
                 self.see(r.account, r.model, quota);
                 Ok(Hold::Refused(Snapshot {
                     quota,
                     held: reply.get(1).map_or(0, count),
                     overdue: reply.get(2).map_or(0, int) == 1,
+                    blocked: reply.get(3).map_or(0, int) == 1,
                 }))
             }
             other => Err(self.err(format!("unexpected answer to a reserve: {other:?}"))),
@@ -965,6 +967,17 @@ impl Ledger for Redis {
             AccountOp::MarkOverdue => vec!["overdue".into()],
         };
         self.account_step(account, &args)
+    }
+
+    fn set_blocked(&self, account: &str, reason: Option<&str>) -> Result<()> {
+        let args = [reason.unwrap_or("").to_string()];
+        self.step(account, "block", Now::System(system_now_ms()), &args)?;
+        Ok(())
+    }
+
+    fn blocked(&self, account: &str) -> Result<Option<String>> {
+        let reply = self.step(account, "blocked", Now::System(system_now_ms()), &[])?;
+        Ok(reply.get(1).map(text))
     }
 
     fn fire_once(&self, account: &str, keys: &[String], _now_ms: i64) -> Result<Vec<bool>> {

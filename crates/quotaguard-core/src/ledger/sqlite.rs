@@ -22,7 +22,7 @@ use crate::quota::QuotaRow;
 use crate::rules::{CostType, Kind};
 
 /// The schema this build writes. Each entry of `MIGRATIONS` moves one version up.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // 0 -> 1
@@ -68,6 +68,9 @@ const MIGRATIONS: &[&str] = &[
     // 1 -> 2: thinking-mode holds are settled as they were held; in-doubt calls (R9).
     "ALTER TABLE reservations ADD COLUMN thinking INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE records ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0;",
+    // 2 -> 3: the kill switch (R15), per account.
+    "CREATE TABLE blocks (
+        account TEXT PRIMARY KEY, reason TEXT NOT NULL, since_ms INTEGER NOT NULL) WITHOUT ROWID;",
 ];
 
 /// How far a committed step survives: SQLite's `synchronous` setting.
@@ -526,6 +529,29 @@ impl Tx for SqliteTx<'_> {
             .optional()
             .map_err(|e| self.err(e))?;
         Ok(row.unwrap_or_default())
+    }
+
+    fn blocked(&mut self, account: &str) -> Result<Option<String>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT reason FROM blocks WHERE account = ?1")
+            .map_err(|e| self.err(e))?;
+        st.query_row([account], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    fn set_blocked(&mut self, account: &str, reason: Option<&str>, now_ms: i64) -> Result<()> {
+        let r = match reason {
+            Some(reason) => self.conn.execute(
+                "INSERT OR REPLACE INTO blocks (account, reason, since_ms) VALUES (?1, ?2, ?3)",
+                params![account, reason, now_ms],
+            ),
+            None => self
+                .conn
+                .execute("DELETE FROM blocks WHERE account = ?1", [account]),
+        };
+        r.map(|_| ()).map_err(|e| self.err(e))
     }
 
     fn put_account(&mut self, account: &str, a: &AccountRow) -> Result<()> {
