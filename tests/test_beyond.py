@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,38 @@ def test_forecast_on_the_command_line(capsys: pytest.CaptureFixture[str], tmp_pa
     assert main(["forecast", MODEL, "--json", "--ledger", ledger]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data[0]["model"] == MODEL and data[0]["remaining"] == 998_000
+
+
+# ------------------------------------------------------- using the quota, not guarding it
+
+
+def test_clip_uses_99_percent_of_the_quota_before_the_first_refusal(tmp_path: Path) -> None:
+    openai = pytest.importorskip("openai")
+    from quotaguard.testing import FakeDashScope
+
+    rng = random.Random(7)
+    words = "quota token model reply cache price region call budget ledger".split()
+    with FakeDashScope(reply_tokens=1_000_000) as server:
+        server.free_quota = 10_000
+        guard = qg.QuotaGuard(tmp_path / "l.db")
+        guard.grant("qwen-plus", tokens=10_000)
+        guard.set_free_only("qwen-plus")
+        client = guard.wrap_openai(
+            openai.OpenAI(base_url=server.openai_base, api_key="sk-test", max_retries=0),
+            clip=True,
+        )
+        outputs = []
+        while True:
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(16, 34)))
+            try:
+                reply = client.chat.completions.create(
+                    model="qwen-plus", messages=[{"role": "user", "content": text}], max_tokens=150
+                )
+            except qg.FreeTierOnly as e:
+                assert e.reason == "exhausted"
+                break
+            outputs.append(reply.usage.completion_tokens)
+        used = 10_000 - guard.remaining("qwen-plus")
+        assert used >= 9_900, f"used {used} of 10,000"
+        assert server.free_quota_remaining == guard.remaining("qwen-plus") >= 0
+        assert len(outputs) >= 50 and outputs[0] == 150
