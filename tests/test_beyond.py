@@ -262,3 +262,15 @@ def test_clip_uses_99_percent_of_the_quota_before_the_first_refusal(tmp_path: Pa
         assert used >= 9_900, f"used {used} of 10,000"
         assert server.free_quota_remaining == guard.remaining("qwen-plus") >= 0
         assert len(outputs) >= 50 and outputs[0] == 150
+
+
+def test_the_notebook_view_shows_the_forecast_and_a_block(guard: qg.QuotaGuard) -> None:
+    guard.grant("qwen-max", tokens=1_000_000)
+    guard.reserve("qwen-max", 1_000, 1_000).settle(1_000, 1_000)
+    page = guard._repr_html_()
+    assert "will expire unused" in page or "runs out" in page
+    assert "blocked" not in page
+    guard.block("<script>")
+    page = guard._repr_html_()
+    assert "blocked</b>: &lt;script&gt;" in page
+    assert "BLOCKED" in guard.status()

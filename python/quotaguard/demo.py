@@ -180,7 +180,7 @@ def _run(
         chat: ChatFn = guard.wrap_openai(raw, clip=True).chat.completions.create
         client = f"openai {openai.__version__} SDK, guard.wrap_openai(client, clip=True)"
     else:
-        chat = guard.wrap(_stdlib_chat(server.openai_base), clip=True)
+        chat = guard.wrap(clip=True)(_stdlib_chat(server.openai_base))
         client = "standard library (urllib), guard.wrap(chat, clip=True)"
 
     guard.grant(model, tokens=quota)
