@@ -593,9 +593,11 @@ impl Redis {
         let (Some(dir), Some(main)) = (&self.dir, self.spill_path()) else {
             return Vec::new();
         };
+        // The spill itself (`….jsonl`) and the files replays claimed (`….replaying-PID`),
+        // also those of a replay that died half-way: a settle replayed twice counts once.
         let stem = main
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
+            .file_stem()
+            .map(|n| format!("{}.", n.to_string_lossy()))
             .unwrap_or_default();
         let mut out: Vec<PathBuf> = fs::read_dir(dir)
             .into_iter()
@@ -654,6 +656,14 @@ impl Redis {
             let mut left = String::new();
             for line in body.lines().filter(|l| !l.trim().is_empty()) {
                 let Ok(req) = serde_json::from_str::<TakeRequest>(line) else {
+                    // A line this version cannot read is kept aside, never dropped.
+                    if let Some(p) = self.spill_path() {
+                        let aside = p.with_file_name(format!(
+                            "redis-unreadable-{}.jsonl",
+                            fnv(&self.display)
+                        ));
+                        let _ = write_private(&aside, format!("{line}\n").as_bytes(), true);
+                    }
                     continue;
                 };
                 match self.settle_once(&req, finish) {
