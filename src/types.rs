@@ -405,7 +405,7 @@ pub struct PyAlert(pub Alert, pub Currency);
 
 #[pymethods]
 impl PyAlert {
-    /// `"quota_low"`, `"quota_depleted"` or `"daily_spend"`.
+    /// `"quota_low"`, `"quota_depleted"`, `"quota_expiring"` or `"daily_spend"`.
     #[getter]
     fn kind(&self) -> &'static str {
         self.0.kind.as_str()

@@ -1,4 +1,4 @@
-//! The decisions of SPEC R2..R10 as pure functions of (state, request, now).
+//! The decisions of R2..R10 (docs/rules.md) as pure functions of (state, request, now).
 //! Ledgers call these inside their atomic step; nothing here does I/O.
 use crate::error::{QuotaError, Refusal, RefusalReason, Result};
 use crate::quota::QuotaRow;
