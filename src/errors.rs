@@ -9,6 +9,7 @@ pyo3::import_exception!(quotaguard.exceptions, FreeTierOnly);
 pyo3::import_exception!(quotaguard.exceptions, AccountOverdue);
 pyo3::import_exception!(quotaguard.exceptions, BudgetExceeded);
 pyo3::import_exception!(quotaguard.exceptions, LedgerError);
+pyo3::import_exception!(quotaguard.exceptions, Blocked);
 pyo3::import_exception!(quotaguard.exceptions, LeaseExpiredWarning);
 pyo3::import_exception!(quotaguard.exceptions, LedgerPermissionWarning);
 
@@ -35,6 +36,7 @@ impl From<PyQuotaError> for PyErr {
             QuotaError::Budget(_) => BudgetExceeded::new_err(msg),
             QuotaError::Rejected(_) => QuotaGuardError::new_err(msg),
             QuotaError::Ledger { ledger, .. } => LedgerError::new_err((msg, ledger)),
+            QuotaError::Blocked(reason) => Blocked::new_err((msg, reason)),
             QuotaError::Interrupted(_) => PyKeyboardInterrupt::new_err(msg),
         }
     }

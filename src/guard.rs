@@ -18,7 +18,7 @@ use crate::errors::{
     type_error, LeaseExpiredWarning, LedgerPermissionWarning, PyQuotaError, QuotaGuardError,
 };
 use crate::fork;
-use crate::types::{PyAlert, PyBill, PyHourStats, PyQuota, PyUsageRecord};
+use crate::types::{PyAlert, PyBill, PyForecast, PyHourStats, PyQuota, PyUsageRecord};
 use quotaguard_core::catalog::{Catalog, Site};
 use quotaguard_core::clock::{check_time, cst_day, month_of, system_now_ms};
 use quotaguard_core::config::{self, SpendRule};
@@ -243,6 +243,20 @@ fn spend_rules(obj: &Bound<'_, PyAny>) -> PyResult<Vec<SpendRule>> {
     }
     let limit = amount(obj, "daily_spend_alert")?;
     Ok(vec![q(SpendRule::new(None, limit, "daily_spend_alert"))?])
+}
+
+/// A quota alert threshold: a number in [0, 1] (not a bool), as parts per million.
+fn threshold(v: &Bound<'_, PyAny>, what: &str) -> PyResult<u32> {
+    if v.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(type_error(format!(
+            "{what} must be a number in [0, 1] or None, not bool"
+        )));
+    }
+    let f: f64 = v
+        .extract()
+        .map_err(|_| type_error(format!("{what} must be a number in [0, 1] or None")))?;
+    q(config::threshold_ppm(f)
+        .map_err(|_| quotaguard_core::error::invalid(format!("{what} {f} is outside [0, 1]"))))
 }
 
 fn text_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
@@ -636,17 +650,7 @@ impl PyQuotaGuard {
         let ppm = match value {
             None => None,
             Some(v) if v.is_none() => None,
-            Some(v) => {
-                if v.is_instance_of::<pyo3::types::PyBool>() {
-                    return Err(type_error(
-                        "alert_threshold must be a number in [0, 1] or None, not bool",
-                    ));
-                }
-                let f: f64 = v.extract().map_err(|_| {
-                    type_error("alert_threshold must be a number in [0, 1] or None")
-                })?;
-                Some(q(config::threshold_ppm(f))?)
-            }
+            Some(v) => Some(threshold(v, "alert_threshold")?),
         };
         self.inner.set_threshold_ppm(ppm);
         Ok(())
@@ -682,14 +686,134 @@ impl PyQuotaGuard {
         Ok(())
     }
 
-    /// Evaluates the high-spending alert now (for processes that make no calls).
+    /// Evaluates the alerts that come with time rather than with a call now (the
+    /// high-spending alert, expiry, and quota marks already reached), for processes that
+    /// make no calls. Each still fires once across every process.
     fn check_alerts(&self, py: Python<'_>) -> PyResult<Vec<PyAlert>> {
         let now = self.now_ms(py)?;
-        let alerts = self.run(py, |g| g.check_spend(now))?;
+        let alerts = self.run(py, |g| {
+            let mut a = g.check_quota_alerts(now)?;
+            a.extend(g.check_spend(now)?);
+            Ok(a)
+        })?;
         let cur = self.inner.currency();
         let out = alerts.iter().cloned().map(|a| PyAlert(a, cur)).collect();
         self.dispatch(py, alerts)?;
         Ok(out)
+    }
+
+    /// Quota alert thresholds, each a fraction in [0, 1] firing once per model; `[]`: off.
+    #[getter]
+    fn get_alert_thresholds(&self) -> Vec<f64> {
+        self.inner
+            .thresholds()
+            .iter()
+            .map(|p| f64::from(*p) / 1_000_000.0)
+            .collect()
+    }
+
+    #[setter]
+    fn set_alert_thresholds(&self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let mut ppm = Vec::new();
+        if let Some(v) = value.filter(|v| !v.is_none()) {
+            if v.is_instance_of::<PyString>() || v.is_instance_of::<pyo3::types::PyBool>() {
+                return Err(type_error(
+                    "alert_thresholds must be a list of numbers in [0, 1] or None",
+                ));
+            }
+            for item in v.try_iter().map_err(|_| {
+                type_error("alert_thresholds must be a list of numbers in [0, 1] or None")
+            })? {
+                let item = item?;
+                ppm.push(threshold(&item, "alert_thresholds")?);
+            }
+        }
+        self.inner.set_thresholds(ppm);
+        Ok(())
+    }
+
+    /// Days before expiry at which a model with free quota left alerts once; `None`: off.
+    #[getter]
+    fn get_expiry_alert_days(&self) -> Option<u32> {
+        self.inner.expiry_alert_days()
+    }
+
+    #[setter]
+    fn set_expiry_alert_days(&self, value: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let days = match value.filter(|v| !v.is_none()) {
+            None => None,
+            Some(v) => {
+                if !v.is_exact_instance_of::<pyo3::types::PyInt>() {
+                    return Err(type_error(format!(
+                        "expiry_alert_days must be a whole number of days or None, not {}",
+                        v.repr()?
+                    )));
+                }
+                Some(v.extract::<u32>().map_err(|_| {
+                    PyValueError::new_err(format!(
+                        "expiry_alert_days {} must be 0 or more",
+                        v.repr().map(|r| r.to_string()).unwrap_or_default()
+                    ))
+                })?)
+            }
+        };
+        q(self.inner.set_expiry_alert_days(days))
+    }
+
+    // ---- the kill switch (R15) ----
+
+    /// Refuses every call of every guard on this ledger (and account) with `Blocked`, from
+    /// each guard's next call on, until `unblock()`.
+    fn block(&self, py: Python<'_>, reason: &str) -> PyResult<()> {
+        self.run(py, |g| g.block(reason))
+    }
+
+    fn unblock(&self, py: Python<'_>) -> PyResult<()> {
+        self.run(py, |g| g.unblock())
+    }
+
+    /// The reason of the block while the ledger is blocked, else `None`.
+    #[getter]
+    fn blocked(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        self.run(py, |g| g.blocked())
+    }
+
+    // ---- beyond the console (R16, R17) ----
+
+    /// The first of `models` whose free quota covers the worst case `input_tokens` +
+    /// `max_output_tokens` (each model's default output when `None`) now, else `None`.
+    #[pyo3(signature = (models, input_tokens=None, max_output_tokens=None))]
+    fn first_free(
+        &self,
+        py: Python<'_>,
+        models: Vec<String>,
+        input_tokens: Option<&Bound<'_, PyAny>>,
+        max_output_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<String>> {
+        let input = opt_tokens(input_tokens, "input_tokens")?.unwrap_or(0);
+        let max_out = opt_tokens(max_output_tokens, "max_output_tokens")?;
+        let now = self.now_ms(py)?;
+        self.run(py, |g| g.first_free(&models, input, max_out, now))
+    }
+
+    /// R17: the burn rate of `model`'s free quota over the last `window_hours`, when it
+    /// runs out at that rate and what will expire unused.
+    #[pyo3(signature = (model, window_hours=24.0))]
+    fn forecast(&self, py: Python<'_>, model: &str, window_hours: f64) -> PyResult<PyForecast> {
+        let now = self.now_ms(py)?;
+        self.run(py, |g| g.forecast(model, window_hours, now))
+            .map(PyForecast)
+    }
+
+    /// `forecast()` of every granted model.
+    #[pyo3(signature = (window_hours=24.0))]
+    fn forecasts(&self, py: Python<'_>, window_hours: f64) -> PyResult<Vec<PyForecast>> {
+        let now = self.now_ms(py)?;
+        Ok(self
+            .run(py, |g| g.forecasts(window_hours, now))?
+            .into_iter()
+            .map(PyForecast)
+            .collect())
     }
 
     /// Where alerts go: a callable taking a list of `Alert`s (set by `quotaguard.QuotaGuard`).

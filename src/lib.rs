@@ -17,7 +17,9 @@ mod _core {
         vocabulary_path, PyQuotaGuard, PyReservation,
     };
     #[pymodule_export]
-    use super::types::{PyAlert, PyBill, PyBillLine, PyHourStats, PyQuota, PyUsageRecord};
+    use super::types::{
+        PyAlert, PyBill, PyBillLine, PyForecast, PyHourStats, PyQuota, PyUsageRecord,
+    };
 
     use pyo3::prelude::*;
 

@@ -5,10 +5,65 @@ use pyo3::prelude::*;
 use rust_decimal::Decimal;
 
 use quotaguard_core::clock::to_utc;
-use quotaguard_core::guard::{Bill, BillLine, QuotaView};
+use quotaguard_core::guard::{Bill, BillLine, Forecast, QuotaView};
 use quotaguard_core::ledger::{Alert, HourRow, UsageRecord};
 use quotaguard_core::money::{format_amount, to_decimal, Currency};
 use quotaguard_core::quota::format_console_figure;
+
+/// Where a model's free quota is heading at its recent burn rate (R17).
+#[pyclass(frozen, module = "quotaguard", name = "Forecast")]
+pub struct PyForecast(pub Forecast);
+
+#[pymethods]
+impl PyForecast {
+    #[getter]
+    fn model(&self) -> &str {
+        &self.0.model
+    }
+    /// Free tokens left now.
+    #[getter]
+    fn remaining(&self) -> u64 {
+        self.0.remaining
+    }
+    /// Free tokens used per hour over the window.
+    #[getter]
+    fn burn_per_hour(&self) -> f64 {
+        self.0.burn_per_hour
+    }
+    /// When the quota runs out at that rate, if it does before it expires.
+    #[getter]
+    fn runs_out_at(&self) -> Option<DateTime<Utc>> {
+        self.0.runs_out_ms.map(to_utc)
+    }
+    /// When the quota expires (`None`: no quota).
+    #[getter]
+    fn expires_at(&self) -> Option<DateTime<Utc>> {
+        self.0.expires_ms.map(to_utc)
+    }
+    /// Free tokens that will expire unused at that rate.
+    #[getter]
+    fn unused_at_expiry(&self) -> u64 {
+        self.0.unused_at_expiry
+    }
+    /// The window the rate was measured over, in hours.
+    #[getter]
+    fn window_hours(&self) -> f64 {
+        self.0.window_ms as f64 / 3_600_000.0
+    }
+
+    fn __repr__(&self) -> String {
+        let f = &self.0;
+        format!(
+            "Forecast(model={:?}, remaining={}, burn_per_hour={:.1}, runs_out_at={}, unused_at_expiry={})",
+            f.model,
+            f.remaining,
+            f.burn_per_hour,
+            f.runs_out_ms
+                .map_or("None".into(), |ms| format!("'{}'", to_utc(ms).to_rfc3339())),
+            f.unused_at_expiry
+        )
+    }
+}
 
 /// A model's free quota at one moment.
 #[pyclass(frozen, module = "quotaguard", name = "Quota")]
@@ -350,7 +405,7 @@ pub struct PyAlert(pub Alert, pub Currency);
 
 #[pymethods]
 impl PyAlert {
-    /// `"quota_low"`, `"quota_depleted"` or `"daily_spend"`.
+    /// `"quota_low"`, `"quota_depleted"`, `"quota_expiring"` or `"daily_spend"`.
     #[getter]
     fn kind(&self) -> &'static str {
         self.0.kind.as_str()

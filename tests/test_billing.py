@@ -159,6 +159,34 @@ def test_thinking_mode_output_price(guard: qg.QuotaGuard) -> None:
     assert qmax.cost == per_million(1_000, "2.4") + per_million(2_000, "9.6")
 
 
+@pytest.mark.parametrize("thinking", [False, True])
+def test_a_worst_case_settle_is_priced_as_the_call_was_held(
+    any_guard: qg.QuotaGuard, thinking: bool
+) -> None:
+    # Regression: a thinking-mode stream cut off before its usage was settled at its
+    # worst case priced as plain output, a quarter of what the hold had priced.
+    r = any_guard.reserve("qwen-plus", 1_000, 2_000, thinking=thinking)
+    assert r.thinking is thinking
+    with any_guard.budget(cost=Decimal("1")) as b:
+        pass
+    rec = r.settle_worst_case(in_doubt=True)
+    assert (rec.thinking, rec.in_doubt) == (thinking, True)
+    out_price = "8" if thinking else "2"
+    assert rec.cost == per_million(1_000, "0.8") + per_million(2_000, out_price)
+    assert b.cost == 0  # opened after the hold: the call counts in no budget
+    # And a budget that holds the call prices its worst case the same way.
+    with any_guard.budget(cost=per_million(1_000, "0.8") + per_million(2_000, out_price)):
+        held = any_guard.reserve("qwen-plus", 1_000, 2_000, thinking=thinking)
+        assert held.settle_worst_case().cost == rec.cost
+    with (
+        any_guard.budget(
+            cost=per_million(1_000, "0.8") + per_million(2_000, out_price) - Decimal("0.000001")
+        ),
+        pytest.raises(qg.BudgetExceeded),
+    ):
+        any_guard.reserve("qwen-plus", 1_000, 2_000, thinking=thinking)
+
+
 def test_batch_costs_half_and_never_draws_on_free_quota(guard: qg.QuotaGuard) -> None:
     guard.grant("qwen-max", tokens=1_000_000)
     realtime_cost = per_million(10_000, "2.4") + per_million(3_000, "9.6")

@@ -698,6 +698,30 @@ def test_a_stopped_server_fails_closed_and_the_settle_spills(
     assert guard.quota(MODEL).used == 501
 
 
+def test_a_replay_that_died_half_way_is_finished_once(
+    own_redis: RedisServer, redis_spill_dir: Path
+) -> None:
+    guard = qg.QuotaGuard(own_redis.url)
+    guard.grant(MODEL, tokens=10_000)
+    held = [guard.reserve(MODEL, 100, 100) for _ in range(3)]
+    own_redis.stop()
+    for r in held:
+        with pytest.raises(LedgerError):
+            r.settle(60, 40)
+    spills = [f for f in spill_files(redis_spill_dir) if f.name.startswith("redis-spill-")]
+    assert spills
+    # A process claimed the spill to replay it and was killed before it finished.
+    for f in spills:
+        f.rename(f.with_name(f.name.rsplit(".", 1)[0] + ".replaying-999999"))
+    own_redis.start()
+    fresh = qg.QuotaGuard(own_redis.url)
+    assert len(fresh.records(model=MODEL)) == 3
+    assert fresh.quota(MODEL).used == 300
+    assert not [f for f in spill_files(redis_spill_dir) if "spill" in f.name]
+    # A second look finds nothing left to replay, and counts nothing twice.
+    assert len(qg.QuotaGuard(own_redis.url).records(model=MODEL)) == 3
+
+
 def test_an_unreachable_server_fails_closed_at_construction(redis_spill_dir: Path) -> None:
     port = free_port()  # nothing listens there
     started = time.monotonic()

@@ -21,6 +21,7 @@ from ._core import (
     Alert,
     Bill,
     BillLine,
+    Forecast,
     HourStats,
     Quota,
     Reservation,
@@ -29,6 +30,7 @@ from ._core import (
 )
 from .exceptions import (
     AccountOverdue,
+    Blocked,
     BudgetExceeded,
     FreeTierOnly,
     LeaseExpiredWarning,
@@ -45,8 +47,10 @@ __all__ = [
     "Alert",
     "Bill",
     "BillLine",
+    "Blocked",
     "Budget",
     "BudgetExceeded",
+    "Forecast",
     "FreeTierOnly",
     "HourStats",
     "LeaseExpiredWarning",

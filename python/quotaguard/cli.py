@@ -1,6 +1,7 @@
 """The ``quotaguard`` command line: the ledger as the Model Studio console shows it.
 
-``quotaguard status | records | bill | grant | free-only | sync | prices | doctor | demo``, each
+``quotaguard status | records | bill | grant | free-only | sync | forecast | block |
+unblock | prices | doctor | demo``, each
 reading the same ledger as the library (``--ledger URL``, else ``$QUOTAGUARD_LEDGER``,
 else ``~/.quotaguard/ledger.db``). Bad input is reported on one line of stderr
 (``quotaguard: error: ...``) with exit code 2; an operation the rules refuse, or a
@@ -38,6 +39,9 @@ COMMANDS = (
     "grant",
     "free-only",
     "sync",
+    "forecast",
+    "block",
+    "unblock",
     "prices",
     "doctor",
     "demo",
@@ -367,6 +371,66 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forecast(args: argparse.Namespace) -> int:
+    guard = _guard(args)
+    forecasts = (
+        [guard.forecast(args.model, args.window)] if args.model else guard.forecasts(args.window)
+    )
+    if args.json:
+        _print_json(
+            [
+                {
+                    "model": f.model,
+                    "remaining": f.remaining,
+                    "burn_per_hour": f.burn_per_hour,
+                    "runs_out_at": f.runs_out_at,
+                    "expires_at": f.expires_at,
+                    "unused_at_expiry": f.unused_at_expiry,
+                    "window_hours": f.window_hours,
+                }
+                for f in forecasts
+            ],
+            sys.stdout,
+        )
+        return 0
+    if not forecasts:
+        print("no free quota granted in this ledger (see `quotaguard grant`)")
+        return 0
+    rows = []
+    for f in forecasts:
+        out = "-" if f.runs_out_at is None else f"{f.runs_out_at.astimezone(CST):%Y-%m-%d %H:%M}"
+        expires = "-" if f.expires_at is None else f"{f.expires_at.astimezone(CST):%Y-%m-%d}"
+        rows.append(
+            [
+                f.model,
+                f"{f.remaining:,}",
+                f"{f.burn_per_hour:,.0f}/h",
+                out,
+                expires,
+                f"{f.unused_at_expiry:,}",
+            ]
+        )
+    head = ["model", "left", "burn", "runs out (CST)", "expires", "unused at expiry"]
+    print("\n".join(_table(head, rows, 1)))
+    print(f"burn rate over the last {args.window:g} h")
+    return 0
+
+
+def cmd_block(args: argparse.Namespace) -> int:
+    guard = _guard(args)
+    guard.block(args.reason)
+    print(f"blocked: every guard on {guard.ledger} now refuses every call ({args.reason})")
+    return 0
+
+
+def cmd_unblock(args: argparse.Namespace) -> int:
+    guard = _guard(args)
+    was = guard.blocked
+    guard.unblock()
+    print("unblocked" if was is not None else "was not blocked")
+    return 0
+
+
 def _tier_label(up_to: int | None, previous: int | None) -> str:
     def k(n: int) -> str:
         return f"{n // 1024:,}K" if n % 1024 == 0 else f"{n:,}"
@@ -592,6 +656,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="set the figure exactly, even above the ledger's own remaining (the console lags)",
     )
+
+    p = command(
+        "forecast", cmd_forecast, "burn rate, when each free quota runs out, what expires unused"
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL", help="default: every granted model")
+    p.add_argument(
+        "--window", type=float, default=24.0, metavar="HOURS", help="the burn rate's window"
+    )
+    p.add_argument("--json", action="store_true", help="as JSON")
+
+    p = command("block", cmd_block, "kill switch: every guard on the ledger refuses every call")
+    p.add_argument(
+        "--reason", default="blocked from the command line", help="shown in every refusal"
+    )
+
+    p = command("unblock", cmd_unblock, "lift the kill switch")
 
     p = command(
         "prices",

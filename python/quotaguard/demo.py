@@ -177,11 +177,11 @@ def _run(
         raw = stack.enter_context(
             openai.OpenAI(base_url=server.openai_base, api_key=API_KEY, max_retries=0)
         )
-        chat: ChatFn = guard.wrap_openai(raw).chat.completions.create
-        client = f"openai {openai.__version__} SDK, guard.wrap_openai(client)"
+        chat: ChatFn = guard.wrap_openai(raw, clip=True).chat.completions.create
+        client = f"openai {openai.__version__} SDK, guard.wrap_openai(client, clip=True)"
     else:
-        chat = guard.wrap(_stdlib_chat(server.openai_base))
-        client = "standard library (urllib), guard.wrap(chat)"
+        chat = guard.wrap(clip=True)(_stdlib_chat(server.openai_base))
+        client = "standard library (urllib), guard.wrap(chat, clip=True)"
 
     guard.grant(model, tokens=quota)
     if guard.remaining(model) != quota:  # a reused ledger: start the demo full again (R12)
@@ -198,7 +198,10 @@ def _run(
         f"  quota   {model}: {quota:,} free tokens; Free Quota Only on, so a call that would "
         "be charged is refused"
     )
-    say.line(f"  each call asks for at most {MAX_TOKENS} output tokens")
+    say.line(
+        f"  each call asks for at most {MAX_TOKENS} output tokens; clip=True shrinks that "
+        "to what is left, rather than refuse"
+    )
     say.line()
 
     refusal: FreeTierOnly | None = None
@@ -234,8 +237,8 @@ def _run(
         verdict = "it never reached the server" if after == before else "IT WAS SENT"
         say.line(f"  server requests: {before} before the refused call, {after} after: {verdict}")
         say.line(
-            f"  the last {refusal.remaining:,} free tokens stay unused: a call of up to "
-            f"{refusal.requested:,} tokens (input bound + max_tokens) could have been charged"
+            f"  the last {refusal.remaining:,} free tokens cannot hold even one output token "
+            f"after this call's input bound: it would have been charged"
         )
     else:
         say.line(f"no call refused within {calls} calls (--calls N, --quota N to see one)")
@@ -244,6 +247,8 @@ def _run(
         f"  {made} calls made; the server's own free-quota count says {left:,} left, the "
         f"ledger {guard.remaining(model):,}"
     )
+    used = quota - guard.remaining(model)
+    say.line(f"  free quota used: {used:,} of {quota:,} tokens ({used / quota:.1%})")
     say.line()
     say.line(guard.status())
     say.line()

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._core import Quota
+    from ._core import Forecast, Quota
     from .guard import QuotaGuard
 
 __all__ = ["CST", "bar", "cst", "state", "status_html", "status_text"]
@@ -53,6 +53,9 @@ def status_text(guard: QuotaGuard) -> str:
             f"expires {cst(q.expires_at)}  {state(q)}"
             + (f"  ({q.reserved:,} reserved)" if q.reserved else "")
         )
+    blocked = guard.blocked
+    if blocked is not None:
+        lines.append(f"BLOCKED: every call is refused ({blocked}); `quotaguard unblock` lifts it")
     overdue = guard.overdue
     balance = guard.balance
     if balance is not None or overdue:
@@ -63,12 +66,26 @@ def status_text(guard: QuotaGuard) -> str:
     return "\n".join(lines)
 
 
+def _outlook(f: Forecast) -> str:
+    """A forecast in a few words: when the quota runs out, or what expires unused."""
+    if f.runs_out_at is not None:
+        return f"runs out {cst(f.runs_out_at)}"
+    if f.expires_at is None or f.remaining == 0:
+        return ""
+    if f.burn_per_hour == 0:
+        return "unused so far"
+    return f"{f.unused_at_expiry:,} will expire unused"
+
+
 def status_html(guard: QuotaGuard) -> str:
-    """A table with one bar per model, for Jupyter."""
+    """A table with one bar per model and its forecast, for Jupyter."""
     rows = []
+    forecasts = {f.model: f for f in guard.forecasts()}
     for q in guard.quotas():
         pct = 100.0 * q.fraction_left
         color = "#d9534f" if pct <= 20 else ("#f0ad4e" if pct <= 50 else "#5cb85c")
+        f = forecasts.get(q.model)
+        outlook = "" if f is None else _outlook(f)
         rows.append(
             "<tr>"
             f"<td><code>{html.escape(q.model)}</code></td>"
@@ -78,13 +95,20 @@ def status_html(guard: QuotaGuard) -> str:
             "</div></div></td>"
             f"<td>{html.escape(cst(q.expires_at))}</td>"
             f"<td>{html.escape(state(q))}</td>"
+            f"<td>{html.escape(outlook)}</td>"
             "</tr>"
         )
-    body = "".join(rows) or "<tr><td colspan=5>no free quota granted yet</td></tr>"
+    body = "".join(rows) or "<tr><td colspan=6>no free quota granted yet</td></tr>"
+    blocked = guard.blocked
+    banner = (
+        ""
+        if blocked is None
+        else f"<div style='color:#d9534f'><b>blocked</b>: {html.escape(blocked)}</div>"
+    )
     return (
         f"<div><b>quotaguard</b> · account <code>{html.escape(guard.account)}</code> · "
-        f"{html.escape(guard.region)}"
+        f"{html.escape(guard.region)}{banner}"
         "<table><thead><tr><th>model</th><th>remaining/total</th><th></th>"
-        "<th>expires</th><th>state</th></tr></thead>"
+        "<th>expires</th><th>state</th><th>at the last 24 h's rate</th></tr></thead>"
         f"<tbody>{body}</tbody></table></div>"
     )

@@ -86,6 +86,19 @@ class LedgerError(QuotaGuardError):
         return self.message
 
 
+class Blocked(QuotaGuardError):
+    """The ledger's kill switch is on (``guard.block(reason)``): every call of every guard
+    on it is refused, before it is sent, until ``guard.unblock()``. ``reason`` says why."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message, reason)
+        self.message = message
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class LeaseExpiredWarning(UserWarning):
     """A reservation was settled after its lease ended; the usage was recorded anyway."""
 

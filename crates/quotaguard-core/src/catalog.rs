@@ -10,7 +10,7 @@ use crate::money::{per_token, Currency, PriceTable, Tier};
 
 const BUNDLED: &str = include_str!("data/catalog.toml");
 
-/// The site an account was opened on (SPEC R2): it fixes the free region and the currency.
+/// The site an account was opened on (R2, docs/rules.md): it fixes the free region and the currency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Site {
     China,

@@ -1,7 +1,7 @@
 //! One error enum for the whole core. Every message names the offending value.
 use std::fmt;
 
-/// Why a call was refused under SPEC R6/R8 (or R7 for `Overdue`).
+/// Why a call was refused under R6/R8 (or R7 for `Overdue`; docs/rules.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalReason {
     /// The free quota is used up (or too small for this call's worst case).
@@ -99,6 +99,9 @@ pub enum QuotaError {
     /// (Python `QuotaGuardError`).
     #[error("{0}")]
     Rejected(String),
+    /// The ledger is blocked by its kill switch (R15; Python `Blocked`): the reason.
+    #[error("every call is refused: the ledger is blocked ({0:?}); `quotaguard unblock` lifts it")]
+    Blocked(String),
     /// The ledger could not be read or written (Python `LedgerError`).
     #[error("ledger {ledger}: {message}")]
     Ledger { ledger: String, message: String },

@@ -90,6 +90,60 @@ impl QuotaView {
     }
 }
 
+/// R17: where a model's free quota is heading at its recent burn rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forecast {
+    pub model: String,
+    pub remaining: u64,
+    /// Free tokens used per hour over the window.
+    pub burn_per_hour: f64,
+    /// When the quota runs out at that rate, if before it expires.
+    pub runs_out_ms: Option<i64>,
+    /// When the quota expires (`None`: no quota).
+    pub expires_ms: Option<i64>,
+    /// Free tokens that will expire unused at that rate.
+    pub unused_at_expiry: u64,
+    pub window_ms: i64,
+}
+
+impl Forecast {
+    /// From the quota now and the free tokens burned in the last `window_ms`.
+    pub fn new(q: &QuotaView, burned: u64, window_ms: i64, now_ms: i64) -> Self {
+        let granted = q.total > 0;
+        let burn_per_hour = burned as f64 * 3_600_000.0 / window_ms as f64;
+        let until_expiry_ms = (q.expires_ms - now_ms).max(0);
+        let (runs_out_ms, unused_at_expiry) = if q.remaining == 0 || !granted {
+            (None, 0)
+        } else if burned == 0 {
+            (None, q.remaining)
+        } else {
+            // Integer arithmetic in ms: tokens * window / burned.
+            let to_empty = (u128::from(q.remaining) * window_ms as u128 / u128::from(burned))
+                .min(i64::MAX as u128) as i64;
+            if to_empty < until_expiry_ms {
+                (Some(now_ms + to_empty), 0)
+            } else {
+                let burnable =
+                    u128::from(burned) * until_expiry_ms as u128 / window_ms.max(1) as u128;
+                (
+                    None,
+                    q.remaining
+                        .saturating_sub(burnable.min(u64::MAX as u128) as u64),
+                )
+            }
+        };
+        Self {
+            model: q.model.clone(),
+            remaining: q.remaining,
+            burn_per_hour,
+            runs_out_ms,
+            expires_ms: granted.then_some(q.expires_ms),
+            unused_at_expiry,
+            window_ms,
+        }
+    }
+}
+
 /// A sub-limit on what one guard admits while it is active.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BudgetState {
@@ -158,8 +212,10 @@ pub struct Guard {
     catalog: Arc<Catalog>,
     budgets: Mutex<BTreeMap<u64, BudgetState>>,
     next_budget: AtomicU64,
-    /// Quota alert threshold in parts per million; negative: off.
-    threshold_ppm: AtomicI64,
+    /// Quota alert thresholds in parts per million, highest first; empty: off.
+    thresholds: Mutex<Arc<Vec<u32>>>,
+    /// How long before its expiry a quota with tokens left alerts; negative: off.
+    expiry_alert_ms: AtomicI64,
     spend_rules: Mutex<Arc<Vec<SpendRule>>>,
     /// The CST day (days since the epoch) whose spend rules this guard last evaluated.
     spend_day: AtomicI64,
@@ -174,7 +230,8 @@ impl Guard {
             catalog,
             budgets: Mutex::new(BTreeMap::new()),
             next_budget: AtomicU64::new(1),
-            threshold_ppm: AtomicI64::new(200_000),
+            thresholds: Mutex::new(Arc::new(vec![200_000])),
+            expiry_alert_ms: AtomicI64::new(7 * DAY_MS),
             spend_rules: Mutex::new(Arc::new(Vec::new())),
             spend_day: AtomicI64::new(i64::MIN),
         })
@@ -206,14 +263,42 @@ impl Guard {
         check_name("model", model)
     }
 
+    /// The quota alert thresholds (R10), parts per million, highest first.
+    pub fn thresholds(&self) -> Arc<Vec<u32>> {
+        self.thresholds.lock().clone()
+    }
+
+    /// Sets the thresholds: each fires once per grant; empty switches quota alerts off.
+    pub fn set_thresholds(&self, mut ppm: Vec<u32>) {
+        ppm.sort_unstable_by(|a, b| b.cmp(a));
+        ppm.dedup();
+        *self.thresholds.lock() = Arc::new(ppm);
+    }
+
+    /// The one-threshold form: the highest threshold, the first to fire.
     pub fn threshold_ppm(&self) -> Option<u32> {
-        let v = self.threshold_ppm.load(Ordering::Relaxed);
-        (v >= 0).then_some(v as u32)
+        self.thresholds().first().copied()
     }
 
     pub fn set_threshold_ppm(&self, ppm: Option<u32>) {
-        self.threshold_ppm
-            .store(ppm.map_or(-1, i64::from), Ordering::Relaxed);
+        self.set_thresholds(ppm.into_iter().collect());
+    }
+
+    /// Days before expiry at which a quota with tokens left alerts; `None`: off.
+    pub fn expiry_alert_days(&self) -> Option<u32> {
+        let v = self.expiry_alert_ms.load(Ordering::Relaxed);
+        (v >= 0).then(|| u32::try_from(v / DAY_MS).unwrap_or(u32::MAX))
+    }
+
+    pub fn set_expiry_alert_days(&self, days: Option<u32>) -> Result<()> {
+        if let Some(d) = days.filter(|d| *d > 3650) {
+            return Err(invalid(format!(
+                "expiry_alert_days {d} is more than ten years"
+            )));
+        }
+        let ms = days.map_or(-1, |d| i64::from(d) * DAY_MS);
+        self.expiry_alert_ms.store(ms, Ordering::Relaxed);
+        Ok(())
     }
 
     pub fn spend_rules(&self) -> Arc<Vec<SpendRule>> {
@@ -355,20 +440,128 @@ impl Guard {
         if q.expired(now_ms) || q.total == 0 {
             return Vec::new();
         }
-        let ppm = self.threshold_ppm();
-        let mark = |kind, at_or_below| AlertMark {
+        let mark = |kind, at_least, at_or_below, threshold_ppm| AlertMark {
             kind,
+            at_least,
             at_or_below,
             total: q.total,
             activated_ms: q.activated_ms,
-            threshold_ppm: ppm,
+            threshold_ppm,
         };
-        let mut marks = Vec::with_capacity(2);
-        if let Some(ppm) = ppm {
-            marks.push(mark(AlertKind::QuotaLow, rules::low_mark(q.total, ppm)));
+        let thresholds = self.thresholds();
+        let mut marks = Vec::with_capacity(thresholds.len() + 2);
+        for &ppm in thresholds.iter() {
+            let at = rules::low_mark(q.total, ppm);
+            marks.push(mark(AlertKind::QuotaLow, 0, at, Some(ppm)));
         }
-        marks.push(mark(AlertKind::QuotaDepleted, 0));
+        marks.push(mark(AlertKind::QuotaDepleted, 0, 0, None));
+        // Expiring: within the window before expiry, while any free token is left.
+        let window = self.expiry_alert_ms.load(Ordering::Relaxed);
+        if window >= 0 && q.expires_ms().saturating_sub(now_ms) <= window {
+            marks.push(mark(AlertKind::QuotaExpiring, 1, u64::MAX, None));
+        }
         marks
+    }
+
+    /// Fires the quota alerts every model's quota has reached now (R10): for processes
+    /// that make no calls, and for expiry, which comes with time rather than with use.
+    pub fn check_quota_alerts(&self, now: Now) -> Result<Vec<Alert>> {
+        let mut out = Vec::new();
+        for (model, q, _) in self.ledger.quotas(self.account(), now)? {
+            let marks = self.alert_marks(&q, now.ms());
+            let reached: Vec<&AlertMark> = marks_reached(&marks, q.left()).collect();
+            if reached.is_empty() {
+                continue;
+            }
+            let keys: Vec<String> = reached.iter().map(|m| m.key(&model)).collect();
+            let fired = self.ledger.fire_once(self.account(), &keys, now.ms())?;
+            out.extend(
+                reached
+                    .into_iter()
+                    .zip(fired)
+                    .filter(|(_, f)| *f)
+                    .map(|(m, _)| m.alert(&model, q.left(), now.ms())),
+            );
+        }
+        Ok(out)
+    }
+
+    // ---- the kill switch (R15) ----
+
+    /// Blocks every call of every guard on this ledger and account, from its next call.
+    pub fn block(&self, reason: &str) -> Result<()> {
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(invalid("a block needs a reason, not \"\""));
+        }
+        if reason.chars().count() > 1000 || reason.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "block reason {:?} must be one line of at most 1,000 characters",
+                reason.chars().take(40).collect::<String>()
+            )));
+        }
+        self.ledger.set_blocked(self.account(), Some(reason))
+    }
+
+    pub fn unblock(&self) -> Result<()> {
+        self.ledger.set_blocked(self.account(), None)
+    }
+
+    /// The reason of the block, while the ledger is blocked.
+    pub fn blocked(&self) -> Result<Option<String>> {
+        self.ledger.blocked(self.account())
+    }
+
+    // ---- beyond the console: fallback (R16) and forecast (R17) ----
+
+    /// The first of `models` whose free quota covers the worst case `input_tokens` +
+    /// `max_output_tokens` (the model's default output when `None`) now.
+    pub fn first_free(
+        &self,
+        models: &[String],
+        input_tokens: u64,
+        max_output_tokens: Option<u64>,
+        now: Now,
+    ) -> Result<Option<String>> {
+        for m in models {
+            let worst = input_tokens
+                .saturating_add(max_output_tokens.unwrap_or_else(|| self.default_max_output(m)));
+            let left = self.quota(m, now)?.remaining;
+            if left > 0 && worst <= left {
+                return Ok(Some(m.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// R17: the burn rate over the last `window_hours` and where it leads.
+    pub fn forecast(&self, model: &str, window_hours: f64, now: Now) -> Result<Forecast> {
+        if !window_hours.is_finite() || window_hours <= 0.0 || window_hours > 24.0 * 366.0 {
+            return Err(invalid(format!(
+                "window_hours {window_hours} must be a positive number of hours, at most a year"
+            )));
+        }
+        let q = self.quota(model, now)?;
+        let now_ms = now.ms();
+        let window_ms = (window_hours * 3_600_000.0).round() as i64;
+        let burned: u64 = self
+            .records(RecordQuery {
+                model: Some(model.to_string()),
+                since_ms: Some(now_ms - window_ms),
+                until_ms: Some(now_ms.saturating_add(1)),
+                ..Default::default()
+            })?
+            .iter()
+            .map(|r| r.free_tokens)
+            .sum();
+        Ok(Forecast::new(&q, burned, window_ms, now_ms))
+    }
+
+    pub fn forecasts(&self, window_hours: f64, now: Now) -> Result<Vec<Forecast>> {
+        self.quotas(now)?
+            .into_iter()
+            .map(|q| self.forecast(&q.model, window_hours, now))
+            .collect()
     }
 
     fn reconcile(&self, model: &str, op: Reconcile, now: Now) -> Result<(QuotaView, Vec<Alert>)> {
@@ -561,6 +754,11 @@ impl Guard {
         };
         let row = match self.ledger.reserve(&req) {
             Ok(Hold::Held(row)) => row,
+            Ok(Hold::Refused(s)) if s.blocked => {
+                self.end_hold(&hold, None);
+                let reason = self.blocked()?.unwrap_or_else(|| "blocked".into());
+                return Err(QuotaError::Blocked(reason));
+            }
             Ok(Hold::Refused(s)) => {
                 self.end_hold(&hold, None);
                 let at = now.ms();
@@ -939,6 +1137,37 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(remaining: u64, expires_ms: i64) -> QuotaView {
+        QuotaView {
+            model: "m".into(),
+            total: 1_000_000,
+            used: 1_000_000 - remaining,
+            reserved: 0,
+            remaining,
+            activated_ms: 0,
+            expires_ms,
+            expired: false,
+            free_only: false,
+        }
+    }
+
+    #[test]
+    fn forecasts_run_out_or_leave_tokens_unused() {
+        const H: i64 = 3_600_000;
+        // 1,000 an hour with 10,000 left and 100 hours to go: out in 10 hours.
+        let f = Forecast::new(&view(10_000, 100 * H), 24_000, 24 * H, 0);
+        assert_eq!((f.burn_per_hour, f.runs_out_ms), (1_000.0, Some(10 * H)));
+        assert_eq!(f.unused_at_expiry, 0);
+        // 10 an hour with 10,000 left and 100 hours to go: 9,000 expire unused.
+        let f = Forecast::new(&view(10_000, 100 * H), 240, 24 * H, 0);
+        assert_eq!((f.runs_out_ms, f.unused_at_expiry), (None, 9_000));
+        // Nothing burned: everything expires unused; nothing left: nothing to forecast.
+        let f = Forecast::new(&view(10_000, 100 * H), 0, 24 * H, 0);
+        assert_eq!((f.runs_out_ms, f.unused_at_expiry), (None, 10_000));
+        let f = Forecast::new(&view(0, 100 * H), 5_000, 24 * H, 0);
+        assert_eq!((f.runs_out_ms, f.unused_at_expiry), (None, 0));
+    }
 
     #[test]
     fn token_counts_are_checked() {

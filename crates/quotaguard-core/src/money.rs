@@ -1,4 +1,4 @@
-//! Exact money (SPEC R13). Amounts are integers in pico-units (10^-12 of the
+//! Exact money (R13). Amounts are integers in pico-units (10^-12 of the
 //! currency): a price of P per million tokens is P * 10^6 pico-units per token,
 //! so every cost is an exact integer product, and sums never round.
 use std::fmt;

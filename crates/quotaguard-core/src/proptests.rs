@@ -166,6 +166,7 @@ proptest! {
         covered in any::<bool>(),
         free_only in any::<bool>(),
         overdue in any::<bool>(),
+        blocked in any::<bool>(),
         at in 0i64..200,
     ) {
         let q = QuotaRow {
@@ -173,7 +174,7 @@ proptest! {
         };
         // valid_days 0 with activation 0: expired at 0; a real validity otherwise.
         let q = QuotaRow { valid_days: if at < 100 { 30 } else { 0 }, ..q };
-        let s = Snapshot { quota: Some(q), held, overdue };
+        let s = Snapshot { quota: Some(q), held, overdue, blocked };
         let r = HoldRequest {
             account: "a", model: "m", kind: Kind::Realtime, thinking: false,
             input_tokens: 0, worst, free_region: true, covered, may_pay,
@@ -184,13 +185,15 @@ proptest! {
         match decide_hold(&s, &r, at) {
             Some(part) => {
                 prop_assert!(part <= avail && part <= worst);
-                prop_assert!(!overdue);
+                prop_assert!(!overdue && !blocked);
                 // Under Free Quota Only (or unverified) a call is held whole or not at all.
                 if !may_pay || free_only {
                     prop_assert!(covered && part == worst);
                 }
             }
-            None => prop_assert!(overdue || worst > avail || !covered || !may_pay || free_only),
+            None => prop_assert!(
+                overdue || blocked || worst > avail || !covered || !may_pay || free_only
+            ),
         }
         // A settle takes at most what is free and at most what the call used.
         let t = TakeRequest {

@@ -1,4 +1,4 @@
-//! The decisions of SPEC R2..R10 as pure functions of (state, request, now).
+//! The decisions of R2..R10 (docs/rules.md) as pure functions of (state, request, now).
 //! Ledgers call these inside their atomic step; nothing here does I/O.
 use crate::error::{QuotaError, Refusal, RefusalReason, Result};
 use crate::quota::QuotaRow;
@@ -225,6 +225,7 @@ pub fn check_free_only_change(model: &str, enable: bool, remaining: u64) -> Resu
 pub enum AlertKind {
     QuotaLow,
     QuotaDepleted,
+    QuotaExpiring,
     DailySpend,
 }
 
@@ -233,6 +234,7 @@ impl AlertKind {
         match self {
             Self::QuotaLow => "quota_low",
             Self::QuotaDepleted => "quota_depleted",
+            Self::QuotaExpiring => "quota_expiring",
             Self::DailySpend => "daily_spend",
         }
     }

@@ -1,4 +1,4 @@
-//! The input-token bound of a request (SPEC R8).
+//! The input-token bound of a request (R8, docs/rules.md).
 //!
 //! A call may only go out if its worst case fits in the free quota, so the
 //! input side must never be under what the service bills. With the Qwen
@@ -612,7 +612,7 @@ pub struct ChatMessage<'a> {
     pub content: &'a str,
 }
 
-/// Upper bound of the input tokens billed for a chat request (SPEC R8): per
+/// Upper bound of the input tokens billed for a chat request (R8, docs/rules.md): per
 /// message its framing and content, the reply primer, and the default system
 /// message when no message has the role `"system"`.
 pub fn chat_bound(vocab: Option<&Vocabulary>, messages: &[ChatMessage<'_>]) -> u64 {

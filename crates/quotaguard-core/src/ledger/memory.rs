@@ -22,6 +22,7 @@ type PerModel<T> = HashMap<String, HashMap<String, T>>;
 struct State {
     quotas: HashMap<String, BTreeMap<String, QuotaRow>>,
     accounts: HashMap<String, AccountRow>,
+    blocked: HashMap<String, String>,
     /// account -> model -> id -> reservation, as SQLite keys them.
     reservations: PerModel<HashMap<i64, ReservationRow>>,
     records: Vec<UsageRecord>,
@@ -157,6 +158,18 @@ impl Tx for State {
         Ok(self.accounts.get(account).copied().unwrap_or_default())
     }
 
+    fn blocked(&mut self, account: &str) -> Result<Option<String>> {
+        Ok(self.blocked.get(account).cloned())
+    }
+
+    fn set_blocked(&mut self, account: &str, reason: Option<&str>, _now_ms: i64) -> Result<()> {
+        match reason {
+            Some(r) => self.blocked.insert(account.to_string(), r.to_string()),
+            None => self.blocked.remove(account),
+        };
+        Ok(())
+    }
+
     fn put_account(&mut self, account: &str, a: &AccountRow) -> Result<()> {
         self.accounts.insert(account.to_string(), *a);
         Ok(())
@@ -166,20 +179,7 @@ impl Tx for State {
         let day = cst_day(r.time_ms);
         let d = slot(slot(&mut self.daily, &r.account), &r.model)
             .entry((day, r.kind))
-            .or_insert_with(|| DailyRow {
-                day,
-                model: r.model.clone(),
-                kind: r.kind,
-                calls: 0,
-                input_tokens: 0,
-                output_tokens: 0,
-                free_tokens: 0,
-                billable_input_tokens: 0,
-                billable_output_tokens: 0,
-                cost: 0,
-                unpriced_calls: 0,
-                currency: r.currency,
-            });
+            .or_insert_with(|| DailyRow::new(day, r.model.clone(), r.kind, r.currency));
         d.calls += 1;
         d.input_tokens += r.input_tokens;
         d.output_tokens += r.output_tokens;

@@ -94,6 +94,38 @@ pub struct DailyRow {
     pub currency: Currency,
 }
 
+impl DailyRow {
+    /// A day's totals of a model and kind, before any call.
+    pub fn new(day: NaiveDate, model: String, kind: Kind, currency: Currency) -> Self {
+        Self {
+            day,
+            model,
+            kind,
+            calls: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            free_tokens: 0,
+            billable_input_tokens: 0,
+            billable_output_tokens: 0,
+            cost: 0,
+            unpriced_calls: 0,
+            currency,
+        }
+    }
+
+    /// Adds another part of the same day, model and kind (an hour's totals).
+    pub fn absorb(&mut self, o: &DailyRow) {
+        self.calls += o.calls;
+        self.input_tokens += o.input_tokens;
+        self.output_tokens += o.output_tokens;
+        self.free_tokens += o.free_tokens;
+        self.billable_input_tokens += o.billable_input_tokens;
+        self.billable_output_tokens += o.billable_output_tokens;
+        self.cost += o.cost;
+        self.unpriced_calls += o.unpriced_calls;
+    }
+}
+
 /// Call statistics per model per hour (R14).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HourRow {
@@ -145,6 +177,8 @@ pub struct Snapshot {
     /// Free tokens held by the model's live reservations.
     pub held: u64,
     pub overdue: bool,
+    /// The kill switch is on (R15).
+    pub blocked: bool,
 }
 
 /// Where "now" comes from in a step.
@@ -210,7 +244,7 @@ pub fn free_left(s: &Snapshot, free_region: bool, now_ms: i64) -> u64 {
 /// worst case held from free quota, or `None` to refuse. A Redis script runs the same
 /// comparison (`redis.lua`); the shared contract tests hold the two together.
 pub fn decide_hold(s: &Snapshot, r: &HoldRequest<'_>, now_ms: i64) -> Option<u64> {
-    if s.overdue {
+    if s.overdue || s.blocked {
         return None;
     }
     let avail = free_left(s, r.free_region, now_ms);
@@ -280,17 +314,18 @@ pub fn decide_take(
     let s = Snapshot {
         quota: quota.copied(),
         held: if overrun { 0 } else { held_by_others },
-        overdue: false,
+        ..Snapshot::default()
     };
     free_left(&s, r.free_region, now_ms).min(r.input_tokens + r.output_tokens)
 }
 
-/// A quota alert as a plain number (R10): it fires, once across every process, when
-/// the model's remaining free tokens are at or below `at_or_below` after the step. Its
-/// key and its alert are built only when it is reached.
+/// A quota alert as plain numbers (R10): it fires, once across every process, when the
+/// model's remaining free tokens after the step are within `at_least..=at_or_below`.
+/// Its key and its alert are built only when it is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AlertMark {
     pub kind: AlertKind,
+    pub at_least: u64,
     pub at_or_below: u64,
     /// The grant the mark belongs to: a new grant alerts afresh.
     pub total: u64,
@@ -337,7 +372,9 @@ pub struct Commit {
 
 /// The marks reached at `left` free tokens remaining.
 pub fn marks_reached(marks: &[AlertMark], left: u64) -> impl Iterator<Item = &AlertMark> {
-    marks.iter().filter(move |m| left <= m.at_or_below)
+    marks
+        .iter()
+        .filter(move |m| (m.at_least..=m.at_or_below).contains(&left))
 }
 
 /// A settled call: its record, and the alerts that fired with it.
@@ -465,6 +502,11 @@ pub trait Ledger: Send + Sync {
     ) -> Result<Release>;
     fn account(&self, account: &str) -> Result<AccountRow>;
     fn update_account(&self, account: &str, op: AccountOp) -> Result<AccountRow>;
+    /// Turns the kill switch on with a reason, or off (R15): every guard on the ledger
+    /// refuses every call of the account from its next call on.
+    fn set_blocked(&self, account: &str, reason: Option<&str>) -> Result<()>;
+    /// The kill switch's reason, while it is on.
+    fn blocked(&self, account: &str) -> Result<Option<String>>;
     /// Records that each alert key fired, once across every process; true where it
     /// had not fired before.
     fn fire_once(&self, account: &str, keys: &[String], now_ms: i64) -> Result<Vec<bool>>;
@@ -525,6 +567,8 @@ pub trait Tx {
     fn delete_reservation(&mut self, account: &str, model: &str, id: i64) -> Result<()>;
     fn account(&mut self, account: &str) -> Result<AccountRow>;
     fn put_account(&mut self, account: &str, a: &AccountRow) -> Result<()>;
+    fn blocked(&mut self, account: &str) -> Result<Option<String>>;
+    fn set_blocked(&mut self, account: &str, reason: Option<&str>, now_ms: i64) -> Result<()>;
     /// Appends the record and adds it to the running totals.
     fn append_record(&mut self, r: &mut UsageRecord) -> Result<()>;
     fn bump_hour(
@@ -739,6 +783,7 @@ impl<B: Backend> Ledger for Local<B> {
                 quota: tx.quota(r.account, r.model)?,
                 held: tx.reserved(r.account, r.model, now, None)?,
                 overdue: tx.account(r.account)?.overdue,
+                blocked: tx.blocked(r.account)?.is_some(),
             };
             let Some(free_part) = decide_hold(&snap, r, now) else {
                 let d = StatsDelta {
@@ -859,6 +904,15 @@ impl<B: Backend> Ledger for Local<B> {
             tx.put_account(account, &a)?;
             Ok(a)
         })
+    }
+
+    fn set_blocked(&self, account: &str, reason: Option<&str>) -> Result<()> {
+        self.0
+            .write(|tx| tx.set_blocked(account, reason, system_now_ms()))
+    }
+
+    fn blocked(&self, account: &str) -> Result<Option<String>> {
+        self.0.read(|tx| tx.blocked(account))
     }
 
     fn fire_once(&self, account: &str, keys: &[String], now_ms: i64) -> Result<Vec<bool>> {

@@ -144,8 +144,10 @@ local function commit(args, i, left_after)
   redis.call('HSET', p .. 'tot:' .. hour, model .. SEP .. kind .. SEP .. 'currency', currency)
   local fired = {}
   for j = 0, n - 1 do
-    local key, mark = args[i + 12 + 2 * j], tonumber(args[i + 13 + 2 * j])
-    if left_after <= mark and redis.call('HSETNX', p .. 'alerts', key, now) == 1 then
+    local key = args[i + 12 + 3 * j]
+    local lo, hi = tonumber(args[i + 13 + 3 * j]), tonumber(args[i + 14 + 3 * j])
+    if left_after >= lo and left_after <= hi
+        and redis.call('HSETNX', p .. 'alerts', key, now) == 1 then
       table.insert(fired, key)
     end
   end
@@ -159,8 +161,9 @@ if op == 'reserve' then
   local q = quota(model)
   local h = held(model, nil)
   local overdue = num(redis.call('HGET', p .. 'acct', 'overdue'))
+  local blocked = redis.call('EXISTS', p .. 'blocked')
   local part = nil
-  if overdue == 0 then
+  if overdue == 0 and blocked == 0 then
     local avail = free_left(q, h, ARGV[10])
     if ARGV[11] == '1' and worst <= avail then
       part = worst
@@ -170,7 +173,7 @@ if op == 'reserve' then
   end
   if not part then
     bump(ARGV[14], model, kind, 'refusals', 1)
-    return quota_reply(q, {'REFUSED', h, overdue})
+    return quota_reply(q, {'REFUSED', h, overdue, blocked})
   end
   local exp = now + tonumber(ARGV[13])
   redis.call('HSET', p .. 'res:' .. model, id,
@@ -358,6 +361,22 @@ if op == 'account' then
   end
   local v = redis.call('HMGET', key, 'balance', 'overdue')
   return {'OK', v[1] or '', num(v[2])}
+end
+
+if op == 'block' then
+  -- the kill switch: a reason turns it on, "" off
+  if ARGV[4] == '' then
+    redis.call('DEL', p .. 'blocked')
+  else
+    redis.call('SET', p .. 'blocked', ARGV[4])
+  end
+  return {'OK'}
+end
+
+if op == 'blocked' then
+  local v = redis.call('GET', p .. 'blocked')
+  if v then return {'OK', v} end
+  return {'OK'}
 end
 
 if op == 'fire' then

@@ -207,6 +207,7 @@ fn commit_block(args: &mut Vec<String>, c: &super::Commit, r: &TakeRequest) -> R
     args.push(c.marks.len().to_string());
     for m in &c.marks {
         args.push(m.key(&r.model));
+        args.push(m.at_least.to_string());
         args.push(m.at_or_below.to_string());
     }
     Ok(())
@@ -592,9 +593,11 @@ impl Redis {
         let (Some(dir), Some(main)) = (&self.dir, self.spill_path()) else {
             return Vec::new();
         };
+        // The spill itself (`….jsonl`) and the files replays claimed (`….replaying-PID`),
+        // also those of a replay that died half-way: a settle replayed twice counts once.
         let stem = main
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
+            .file_stem()
+            .map(|n| format!("{}.", n.to_string_lossy()))
             .unwrap_or_default();
         let mut out: Vec<PathBuf> = fs::read_dir(dir)
             .into_iter()
@@ -653,6 +656,14 @@ impl Redis {
             let mut left = String::new();
             for line in body.lines().filter(|l| !l.trim().is_empty()) {
                 let Ok(req) = serde_json::from_str::<TakeRequest>(line) else {
+                    // A line this version cannot read is kept aside, never dropped.
+                    if let Some(p) = self.spill_path() {
+                        let aside = p.with_file_name(format!(
+                            "redis-unreadable-{}.jsonl",
+                            fnv(&self.display)
+                        ));
+                        let _ = write_private(&aside, format!("{line}\n").as_bytes(), true);
+                    }
                     continue;
                 };
                 match self.settle_once(&req, finish) {
@@ -820,36 +831,27 @@ fn days_of(hours: Vec<(i64, HourTotals)>) -> Vec<DailyRow> {
             }
             let kind = Kind::parse(&kind).unwrap_or(Kind::Realtime);
             let day = cst_day(hour);
-            let d = days
-                .entry((day, model.clone(), kind))
-                .or_insert_with(|| DailyRow {
-                    day,
-                    model: model.clone(),
-                    kind,
-                    calls: 0,
-                    input_tokens: 0,
-                    output_tokens: 0,
-                    free_tokens: 0,
-                    billable_input_tokens: 0,
-                    billable_output_tokens: 0,
-                    cost: 0,
-                    unpriced_calls: 0,
-                    currency: f
-                        .get("currency")
-                        .and_then(|c| Currency::parse(c).ok())
-                        .unwrap_or(Currency::Cny),
-                });
-            d.calls += field_u64(&f, "records");
-            d.input_tokens += field_u64(&f, "input_tokens");
-            d.output_tokens += field_u64(&f, "output_tokens");
-            d.free_tokens += field_u64(&f, "free_tokens");
-            d.billable_input_tokens += field_u64(&f, "billable_input");
-            d.billable_output_tokens += field_u64(&f, "billable_output");
-            d.cost += f
-                .get("cost")
-                .and_then(|c| c.parse::<i128>().ok())
-                .unwrap_or(0);
-            d.unpriced_calls += field_u64(&f, "unpriced_calls");
+            let currency = f
+                .get("currency")
+                .and_then(|c| Currency::parse(c).ok())
+                .unwrap_or(Currency::Cny);
+            let hour_row = DailyRow {
+                calls: field_u64(&f, "records"),
+                input_tokens: field_u64(&f, "input_tokens"),
+                output_tokens: field_u64(&f, "output_tokens"),
+                free_tokens: field_u64(&f, "free_tokens"),
+                billable_input_tokens: field_u64(&f, "billable_input"),
+                billable_output_tokens: field_u64(&f, "billable_output"),
+                cost: f
+                    .get("cost")
+                    .and_then(|c| c.parse::<i128>().ok())
+                    .unwrap_or(0),
+                unpriced_calls: field_u64(&f, "unpriced_calls"),
+                ..DailyRow::new(day, model.clone(), kind, currency)
+            };
+            days.entry((day, model, kind))
+                .or_insert_with(|| DailyRow::new(day, hour_row.model.clone(), kind, currency))
+                .absorb(&hour_row);
         }
     }
     days.into_values().collect()
@@ -956,12 +958,13 @@ impl Ledger for Redis {
                 }))
             }
             Some("REFUSED") => {
-                let quota = quota_at(&reply, 3);
+                let quota = quota_at(&reply, 4);
                 self.see(r.account, r.model, quota);
                 Ok(Hold::Refused(Snapshot {
                     quota,
                     held: reply.get(1).map_or(0, count),
                     overdue: reply.get(2).map_or(0, int) == 1,
+                    blocked: reply.get(3).map_or(0, int) == 1,
                 }))
             }
             other => Err(self.err(format!("unexpected answer to a reserve: {other:?}"))),
@@ -1027,6 +1030,17 @@ impl Ledger for Redis {
             AccountOp::MarkOverdue => vec!["overdue".into()],
         };
         self.account_step(account, &args)
+    }
+
+    fn set_blocked(&self, account: &str, reason: Option<&str>) -> Result<()> {
+        let args = [reason.unwrap_or("").to_string()];
+        self.step(account, "block", Now::System(system_now_ms()), &args)?;
+        Ok(())
+    }
+
+    fn blocked(&self, account: &str) -> Result<Option<String>> {
+        let reply = self.step(account, "blocked", Now::System(system_now_ms()), &[])?;
+        Ok(reply.get(1).map(text))
     }
 
     fn fire_once(&self, account: &str, keys: &[String], _now_ms: i64) -> Result<Vec<bool>> {
@@ -1187,9 +1201,18 @@ impl Ledger for Redis {
         for entry in arr(1) {
             let Value::Array(parts) = entry else { continue };
             let model = parts.first().map(text).unwrap_or_default();
-            let fields: HashMap<String, String> =
-                parts.get(1).map(pairs).unwrap_or_default().into_iter().collect();
-            let f = |k: &str| fields.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+            let fields: HashMap<String, String> = parts
+                .get(1)
+                .map(pairs)
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            let f = |k: &str| {
+                fields
+                    .get(k)
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .unwrap_or(0)
+            };
             let q = QuotaRow {
                 total: u64::try_from(f("total")).unwrap_or(0),
                 used: u64::try_from(f("used")).unwrap_or(0),
@@ -1241,7 +1264,10 @@ impl Ledger for Redis {
         for entry in arr(2) {
             let Value::Array(parts) = entry else { continue };
             let hour = parts.first().map_or(0, int);
-            hours.push((hour, hour_totals(parts.get(1).map(pairs).unwrap_or_default())));
+            hours.push((
+                hour,
+                hour_totals(parts.get(1).map(pairs).unwrap_or_default()),
+            ));
         }
         out.daily = days_of(hours);
         let mut records = parse_stream(&Value::Array(arr(3)));

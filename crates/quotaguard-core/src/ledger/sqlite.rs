@@ -22,7 +22,7 @@ use crate::quota::QuotaRow;
 use crate::rules::{CostType, Kind};
 
 /// The schema this build writes. Each entry of `MIGRATIONS` moves one version up.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// `PRAGMA application_id` of a quotaguard ledger ("QGLD"): a database without it that
 /// is not an older quotaguard ledger is another application's, and is never written.
@@ -77,7 +77,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 1 -> 2: thinking-mode holds are settled as they were held; in-doubt calls (R9).
     "ALTER TABLE reservations ADD COLUMN thinking INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE records ADD COLUMN in_doubt INTEGER NOT NULL DEFAULT 0;",
-    // 2 -> 3: what reconciliation put into each model's `used`, and when records were
+    // 2 -> 3: the kill switch (R15), per account.
+    "CREATE TABLE blocks (
+        account TEXT PRIMARY KEY, reason TEXT NOT NULL, since_ms INTEGER NOT NULL) WITHOUT ROWID;",
+    // 3 -> 4: what reconciliation put into each model's `used`, and when records were
     // compacted, so that a check can tell a lost record from a console sync. A ledger
     // upgraded here counts from now: what it held before is taken as reconciled.
     "ALTER TABLE quotas ADD COLUMN adjusted INTEGER NOT NULL DEFAULT 0;
@@ -828,6 +831,29 @@ impl Tx for SqliteTx<'_> {
         Ok(row.unwrap_or_default())
     }
 
+    fn blocked(&mut self, account: &str) -> Result<Option<String>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT reason FROM blocks WHERE account = ?1")
+            .map_err(|e| self.err(e))?;
+        st.query_row([account], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    fn set_blocked(&mut self, account: &str, reason: Option<&str>, now_ms: i64) -> Result<()> {
+        let r = match reason {
+            Some(reason) => self.conn.execute(
+                "INSERT OR REPLACE INTO blocks (account, reason, since_ms) VALUES (?1, ?2, ?3)",
+                params![account, reason, now_ms],
+            ),
+            None => self
+                .conn
+                .execute("DELETE FROM blocks WHERE account = ?1", [account]),
+        };
+        r.map(|_| ()).map_err(|e| self.err(e))
+    }
+
     fn put_account(&mut self, account: &str, a: &AccountRow) -> Result<()> {
         let mut st = self
             .conn
@@ -1063,17 +1089,7 @@ impl Tx for SqliteTx<'_> {
                 Entry::Vacant(v) => {
                     v.insert(row);
                 }
-                Entry::Occupied(mut o) => {
-                    let d = o.get_mut();
-                    d.calls += row.calls;
-                    d.input_tokens += row.input_tokens;
-                    d.output_tokens += row.output_tokens;
-                    d.free_tokens += row.free_tokens;
-                    d.billable_input_tokens += row.billable_input_tokens;
-                    d.billable_output_tokens += row.billable_output_tokens;
-                    d.cost += row.cost;
-                    d.unpriced_calls += row.unpriced_calls;
-                }
+                Entry::Occupied(mut o) => o.get_mut().absorb(&row),
             }
         }
         Ok(days.into_values().collect())

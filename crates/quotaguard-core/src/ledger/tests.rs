@@ -465,6 +465,154 @@ fn records_compact_and_bills_stay() {
     }
 }
 
+#[test]
+fn the_kill_switch_refuses_every_guard_of_the_ledger() {
+    for e in engines() {
+        let g = e.granted(1_000);
+        let other = match e.url {
+            LedgerUrl::Memory => None,
+            _ => Some(e.guard(&g.config.account)),
+        };
+        let held = reserve(&g, 100, T0).unwrap();
+        g.block("runaway loop").unwrap();
+        assert_eq!(g.blocked().unwrap().as_deref(), Some("runaway loop"));
+        for guard in std::iter::once(&g).chain(other.as_ref()) {
+            match reserve(guard, 10, T0) {
+                Err(QuotaError::Blocked(r)) => assert_eq!(r, "runaway loop", "{}", e.name),
+                other => panic!("{}: {other:?}", e.name),
+            }
+        }
+        // A call already sent is still recorded.
+        assert_eq!(
+            settle(&g, &held, 5, 5, T0).record.free_tokens,
+            10,
+            "{}",
+            e.name
+        );
+        assert!(g.block("  ").is_err());
+        g.unblock().unwrap();
+        assert_eq!(g.blocked().unwrap(), None);
+        for guard in std::iter::once(&g).chain(other.as_ref()) {
+            assert!(reserve(guard, 10, T0).is_ok(), "{}", e.name);
+        }
+    }
+}
+
+#[test]
+fn several_thresholds_each_fire_once() {
+    for e in engines() {
+        let g = e.granted(1_000);
+        g.set_thresholds(vec![200_000, 500_000, 50_000]);
+        let mut fired = Vec::new();
+        for _ in 0..10 {
+            let r = reserve(&g, 100, T0).unwrap();
+            for a in settle(&g, &r, 50, 50, T0).alerts {
+                fired.push((a.kind, a.threshold_ppm, a.remaining));
+            }
+        }
+        assert_eq!(
+            fired,
+            vec![
+                (AlertKind::QuotaLow, Some(500_000), 500),
+                (AlertKind::QuotaLow, Some(200_000), 200),
+                // 50 is never hit exactly: the call that passes it fires it.
+                (AlertKind::QuotaLow, Some(50_000), 0),
+                (AlertKind::QuotaDepleted, None, 0),
+            ],
+            "{}",
+            e.name
+        );
+    }
+}
+
+#[test]
+fn a_quota_near_its_expiry_alerts_once() {
+    for e in engines() {
+        let g = e.granted(1_000);
+        let expires = CUTOVER_MS + 90 * DAY_MS;
+        let early = expires - 8 * DAY_MS;
+        assert!(
+            g.check_quota_alerts(at(early)).unwrap().is_empty(),
+            "{}",
+            e.name
+        );
+        let late = expires - 7 * DAY_MS;
+        let alerts = g.check_quota_alerts(at(late)).unwrap();
+        assert_eq!(
+            alerts
+                .iter()
+                .map(|a| (a.kind, a.remaining))
+                .collect::<Vec<_>>(),
+            vec![(AlertKind::QuotaExpiring, 1_000)],
+            "{}",
+            e.name
+        );
+        let r = reserve(&g, 100, late).unwrap();
+        assert!(
+            settle(&g, &r, 10, 10, late).alerts.is_empty(),
+            "{}: once",
+            e.name
+        );
+        g.set_expiry_alert_days(None).unwrap();
+        assert!(g
+            .alert_marks(
+                &QuotaRow {
+                    total: 1,
+                    used: 0,
+                    activated_ms: CUTOVER_MS,
+                    valid_days: 90,
+                    free_only: false,
+                    configured: false
+                },
+                late
+            )
+            .iter()
+            .all(|m| m.kind != AlertKind::QuotaExpiring));
+    }
+}
+
+#[test]
+fn first_free_and_forecast() {
+    for e in engines() {
+        let g = e.granted(1_000);
+        g.grant("qwen-plus", Some(10_000), Some(CUTOVER_MS), None, at(T0))
+            .unwrap();
+        let models = vec![
+            MODEL.to_string(),
+            "qwen-plus".to_string(),
+            "qwen-turbo".into(),
+        ];
+        assert_eq!(
+            g.first_free(&models, 500, Some(500), at(T0))
+                .unwrap()
+                .as_deref(),
+            Some(MODEL)
+        );
+        assert_eq!(
+            g.first_free(&models, 500, Some(501), at(T0))
+                .unwrap()
+                .as_deref(),
+            Some("qwen-plus")
+        );
+        assert_eq!(
+            g.first_free(&models, 10_000, Some(1), at(T0)).unwrap(),
+            None
+        );
+        // 100 free tokens an hour for 10 hours.
+        for h in 0..10 {
+            let r = reserve(&g, 100, T0 + h * 3_600_000).unwrap();
+            settle(&g, &r, 50, 50, T0 + h * 3_600_000);
+        }
+        let now = T0 + 10 * 3_600_000;
+        let f = g.forecast(MODEL, 10.0, at(now)).unwrap();
+        assert_eq!((f.remaining, f.burn_per_hour), (0, 100.0), "{}", e.name);
+        let f = g.forecast("qwen-plus", 24.0, at(now)).unwrap();
+        assert_eq!((f.burn_per_hour, f.runs_out_ms), (0.0, None), "{}", e.name);
+        assert_eq!(f.unused_at_expiry, 10_000, "{}", e.name);
+        assert!(g.forecast(MODEL, 0.0, at(now)).is_err());
+    }
+}
+
 fn redis_engines() -> Vec<Engine> {
     engines()
         .into_iter()
@@ -593,6 +741,7 @@ fn the_hold_decision_on_plain_numbers() {
         quota: Some(q),
         held: 100,
         overdue: false,
+        blocked: false,
     };
     let req = |worst, may_pay| HoldRequest {
         account: "a",
@@ -622,6 +771,10 @@ fn the_hold_decision_on_plain_numbers() {
     assert_eq!(decide_hold(&s, &req(1, false), late), None, "expired");
     assert_eq!(
         decide_hold(&Snapshot { overdue: true, ..s }, &req(1, true), T0),
+        None
+    );
+    assert_eq!(
+        decide_hold(&Snapshot { blocked: true, ..s }, &req(1, true), T0),
         None
     );
 }
