@@ -13,6 +13,7 @@ pub mod guard;
 pub mod interrupt;
 pub mod ledger;
 pub mod money;
+pub mod process;
 pub mod quota;
 pub mod rules;
 pub mod tokens;

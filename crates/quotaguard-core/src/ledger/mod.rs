@@ -1033,7 +1033,7 @@ pub fn fresh_id() -> i64 {
     static PID: AtomicU32 = AtomicU32::new(0);
     static PREFIX: AtomicU64 = AtomicU64::new(0);
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let pid = std::process::id();
+    let pid = crate::process::pid();
     if PID.load(Ordering::Acquire) != pid {
         let prefix =
             RandomState::new().hash_one((pid, system_now_ms(), COUNTER.load(Ordering::Relaxed)));

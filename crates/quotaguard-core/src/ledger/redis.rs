@@ -106,6 +106,21 @@ pub struct Redis {
     last_recovery_ms: AtomicI64,
 }
 
+impl Drop for Redis {
+    fn drop(&mut self) {
+        // The parent's socket, in a forked child: never written to nor closed.
+        let slot = self.conn.get_mut();
+        if slot
+            .as_ref()
+            .is_some_and(|(p, _)| *p != crate::process::pid())
+        {
+            if let Some(inherited) = slot.take() {
+                std::mem::forget(inherited);
+            }
+        }
+    }
+}
+
 /// The hash tag of an account: its name, or its hex form when a brace in the name
 /// would end the tag early.
 fn tag(account: &str) -> String {
@@ -303,7 +318,7 @@ impl Redis {
         &self,
         mut f: impl FnMut(&mut dyn ConnectionLike) -> RedisResult<T>,
     ) -> Step<T> {
-        let pid = std::process::id();
+        let pid = crate::process::pid();
         let mut slot = self.conn.lock();
         for attempt in 0..2 {
             if slot.as_ref().is_some_and(|(p, _)| *p != pid) {

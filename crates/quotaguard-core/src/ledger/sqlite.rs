@@ -335,7 +335,7 @@ impl Sqlite {
             name,
             path: path.to_path_buf(),
             durability,
-            conn: Mutex::new(Some((std::process::id(), conn))),
+            conn: Mutex::new(Some((crate::process::pid(), conn))),
             warnings,
         };
         me.migrate()?;
@@ -344,7 +344,7 @@ impl Sqlite {
 
     /// This process's connection (opened again in a child after `fork()`), locked.
     fn connection(&self) -> Result<MappedMutexGuard<'_, Connection>> {
-        let pid = std::process::id();
+        let pid = crate::process::pid();
         let mut slot = self.conn.lock();
         if slot.as_ref().is_some_and(|(p, _)| *p != pid) {
             // The parent's connection: SQLite forbids using it in a child, and closing it
@@ -456,6 +456,22 @@ impl Sqlite {
             };
             f(&mut tx)
         })
+    }
+}
+
+impl Drop for Sqlite {
+    fn drop(&mut self) {
+        // A parent's connection dropped in a forked child is forgotten, never closed:
+        // closing it could checkpoint or unlock on the parent's behalf.
+        let slot = self.conn.get_mut();
+        if slot
+            .as_ref()
+            .is_some_and(|(p, _)| *p != crate::process::pid())
+        {
+            if let Some(inherited) = slot.take() {
+                std::mem::forget(inherited);
+            }
+        }
     }
 }
 
