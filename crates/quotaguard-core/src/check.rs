@@ -52,8 +52,18 @@ fn sane(ms: i64) -> bool {
     (MIN_TIME_MS..MAX_TIME_MS).contains(&ms)
 }
 
+/// The year of an instant, however far (a row poisoned with milliseconds shows its own
+/// year, not the last one a reader can show).
 fn year(ms: i64) -> String {
-    chrono::Datelike::year(&to_utc(ms)).to_string()
+    use chrono::TimeZone;
+    chrono::Utc.timestamp_millis_opt(ms).single().map_or_else(
+        || format!("{} s from the epoch", ms / 1000),
+        |t| chrono::Datelike::year(&t).to_string(),
+    )
+}
+
+fn plural(n: u64, one: &str) -> String {
+    format!("{} {one}{}", thousands(n), if n == 1 { "" } else { "s" })
 }
 
 fn signed(n: i128) -> String {
@@ -105,11 +115,16 @@ pub fn check(ledger: &dyn Ledger, account: &str, now: Now) -> Result<Vec<Finding
             String::new()
         };
         if used == expected {
+            let (sign, syncs) = if adjusted < 0 {
+                ("-", -adjusted)
+            } else {
+                ("+", adjusted)
+            };
             out.push(Finding::ok(format!(
-                "{model:?}: {} free tokens used = {} in records + {} from console syncs{pending_note}",
+                "{model:?}: {} free tokens used = {} in records {sign} {} from console syncs{pending_note}",
                 signed(used),
                 signed(from_records),
-                signed(adjusted)
+                signed(syncs)
             )));
         } else {
             let diff = used - expected;
@@ -225,16 +240,15 @@ pub fn check(ledger: &dyn Ledger, account: &str, now: Now) -> Result<Vec<Finding
             })
             .unwrap_or_default();
         out.push(Finding::ok(format!(
-            "{} records agree with the daily totals of {} model-days{since}",
-            thousands(records.len() as u64),
-            thousands(days_checked)
+            "the records agree with the daily totals ({} checked){since}",
+            plural(days_checked, "model-day")
         )));
     }
     if odd_times > 0 {
         out.push(Finding::problem(format!(
-            "{} records are dated outside 2015..2100 (one in year {}): they were written with a \
-             clock in milliseconds or a wrong clock; their bills and statistics are misplaced",
-            thousands(odd_times),
+            "{} dated outside 2015..2100 (one in year {}): written with a clock in \
+             milliseconds or a wrong clock; their bills and statistics are misplaced",
+            plural(odd_times, "record"),
             year(odd_example.unwrap_or(0))
         )));
     }
@@ -268,15 +282,16 @@ pub fn check(ledger: &dyn Ledger, account: &str, now: Now) -> Result<Vec<Finding
     let live = insp.reservations.len() as u64 - expired;
     let stale = if expired > 0 {
         format!(
-            "; {} outlived their lease (the processes that made them died) and hold nothing",
+            "; {} past the lease, holding nothing (the process that made it died)",
             thousands(expired)
         )
     } else {
         String::new()
     };
     out.push(Finding::ok(format!(
-        "{} reservations within their lease{stale}",
-        thousands(live)
+        "{} within {} lease{stale}",
+        plural(live, "reservation"),
+        if live == 1 { "its" } else { "their" }
     )));
     Ok(out)
 }

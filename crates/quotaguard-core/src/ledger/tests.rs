@@ -817,9 +817,9 @@ fn a_busy_ledger_checks_clean_on_every_engine() {
         let all = g.check(at(now)).unwrap();
         let text: Vec<&str> = all.iter().map(|f| f.text.as_str()).collect();
         assert!(
-            text.iter().any(
-                |t| t.contains("1 reservations within their lease") && t.contains("1 outlived")
-            ),
+            text.iter()
+                .any(|t| t.contains("1 reservation within its lease")
+                    && t.contains("; 1 past the lease")),
             "{}: {text:?}",
             e.name
         );
