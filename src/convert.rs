@@ -75,25 +75,23 @@ fn int_tokens(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
     }
 }
 
-/// A number of seconds (a lease): an int or a float, never a bool or a str.
-pub fn seconds(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
-    if obj.is_instance_of::<PyBool>() || obj.is_instance_of::<PyString>() {
-        return Err(type_error(format!(
-            "{what} must be a number of seconds, not {} {}",
+/// A number of seconds or hours (a lease, a window): an int or a float, never a bool
+/// or a str; an int too large for a float reads as infinite (and is refused as such).
+pub fn number(obj: &Bound<'_, PyAny>, what: &str, unit: &str) -> PyResult<f64> {
+    let wrong = || {
+        type_error(format!(
+            "{what} must be a number of {unit}, not {} {}",
             type_name(obj),
             shown(obj)
-        )));
+        ))
+    };
+    if obj.is_instance_of::<PyBool>() || obj.is_instance_of::<PyString>() {
+        return Err(wrong());
     }
     if obj.is_instance_of::<PyInt>() {
         return Ok(obj.extract::<i64>().map_or(f64::INFINITY, |n| n as f64));
     }
-    obj.extract::<f64>().map_err(|_| {
-        type_error(format!(
-            "{what} must be a number of seconds, not {} {}",
-            type_name(obj),
-            shown(obj)
-        ))
-    })
+    obj.extract::<f64>().map_err(|_| wrong())
 }
 
 pub fn opt_tokens(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<u64>> {

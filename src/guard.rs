@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping, PySequence, PyString};
 use rust_decimal::Decimal;
 
-use crate::convert::{amount, instant, opt_instant, opt_tokens, seconds, tokens};
+use crate::convert::{amount, instant, number, opt_instant, opt_tokens, tokens};
 use crate::errors::{
     type_error, LeaseExpiredWarning, LedgerPermissionWarning, PyQuotaError, QuotaGuardError,
 };
@@ -304,7 +304,7 @@ impl PyQuotaGuard {
         clock: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let lease_seconds = match lease_seconds {
-            Some(v) if !v.is_none() => seconds(v, "lease_seconds")?,
+            Some(v) if !v.is_none() => number(v, "lease_seconds", "seconds")?,
             _ => 600.0,
         };
         let config = Config {
@@ -798,16 +798,29 @@ impl PyQuotaGuard {
 
     /// R17: the burn rate of `model`'s free quota over the last `window_hours`, when it
     /// runs out at that rate and what will expire unused.
-    #[pyo3(signature = (model, window_hours=24.0))]
-    fn forecast(&self, py: Python<'_>, model: &str, window_hours: f64) -> PyResult<PyForecast> {
+    #[pyo3(signature = (model, window_hours=None))]
+    #[pyo3(text_signature = "($self, model, window_hours=24.0)")]
+    fn forecast(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        window_hours: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyForecast> {
+        let window_hours = window(window_hours)?;
         let now = self.now_ms(py)?;
         self.run(py, |g| g.forecast(model, window_hours, now))
             .map(PyForecast)
     }
 
     /// `forecast()` of every granted model.
-    #[pyo3(signature = (window_hours=24.0))]
-    fn forecasts(&self, py: Python<'_>, window_hours: f64) -> PyResult<Vec<PyForecast>> {
+    #[pyo3(signature = (window_hours=None))]
+    #[pyo3(text_signature = "($self, window_hours=24.0)")]
+    fn forecasts(
+        &self,
+        py: Python<'_>,
+        window_hours: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<PyForecast>> {
+        let window_hours = window(window_hours)?;
         let now = self.now_ms(py)?;
         Ok(self
             .run(py, |g| g.forecasts(window_hours, now))?
@@ -992,6 +1005,14 @@ impl PyQuotaGuard {
         }
         out.set_item("models", models)?;
         Ok(out)
+    }
+}
+
+/// A forecast's window in hours: a number (24 when not given).
+fn window(obj: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
+    match obj {
+        Some(v) if !v.is_none() => number(v, "window_hours", "hours"),
+        _ => Ok(24.0),
     }
 }
 

@@ -833,3 +833,21 @@ def test_a_settle_exactly_at_the_lease_expiry_is_late(
 def test_the_console_shows_a_full_quota_as_remaining_over_total(guard: qg.QuotaGuard) -> None:
     assert guard.grant(MODEL, tokens=1_000_000).console == "1,000,000/1,000,000"
     assert guard.quota(MODEL).fraction_left == 1.0
+
+
+# ------------------------------------------------------------- found by the fuzz run
+
+
+@pytest.mark.parametrize(
+    ("window", "exc"), [(10**100, ValueError), (True, TypeError), ("24", TypeError)]
+)
+def test_a_forecast_window_that_is_no_number_of_hours(
+    guard: qg.QuotaGuard, window: object, exc: type[Exception]
+) -> None:
+    guard.grant(MODEL)
+    with pytest.raises(exc, match="window_hours"):
+        guard.forecast(MODEL, window)  # type: ignore[arg-type]
+    with pytest.raises(exc, match="window_hours"):
+        guard.forecasts(window)  # type: ignore[arg-type]
+    assert guard.forecast(MODEL).window_hours == 24.0
+    assert guard.forecast(MODEL, 2).window_hours == 2.0
