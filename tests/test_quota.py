@@ -191,15 +191,28 @@ def test_r2_international_site_has_free_quota_in_singapore_only(make_guard: Make
     assert beijing.remaining("qwen-max") == 0
 
 
-def test_r2_a_call_outside_the_free_region_is_charged(make_guard: MakeGuard) -> None:
+def test_r2_a_call_outside_the_free_region_is_charged(
+    make_guard: MakeGuard, tmp_path: Path
+) -> None:
     beijing = make_guard(region="cn-beijing")
-    singapore = make_guard(region="ap-southeast-1")
     beijing.grant("qwen-max")
+    # R13: a China-site account calling Singapore pays Singapore's column, never
+    # Beijing's; the bundled catalogue has none, so the call is unpriced, not free.
+    singapore = make_guard(region="ap-southeast-1")
     rec = spend(singapore, "qwen-max", 1_000, 1_000)
     assert rec.free_tokens == 0
-    assert rec.cost_type == "pay_as_you_go"
-    assert rec.cost == Decimal("0.012")
+    assert (rec.cost_type, rec.cost) == ("unpriced", None)
+    column = tmp_path / "singapore.toml"
+    column.write_text(
+        "[models.qwen-max.prices.china.regions.ap-southeast-1]\n"
+        'tiers = [{ input = "10", output = "20" }]\n'  # a user's figures, for the test
+    )
+    priced = make_guard(region="ap-southeast-1", catalog=column)
+    rec = spend(priced, "qwen-max", 1_000, 1_000)
+    assert (rec.cost_type, rec.currency) == ("pay_as_you_go", "CNY")
+    assert rec.cost == Decimal("0.03")  # 1,000 x 10 + 1,000 x 20 per million
     assert beijing.remaining("qwen-max") == MILLION
+    assert spend(beijing, "qwen-max", 1_000, 1_000).free_tokens == 2_000
 
 
 def test_r2_outside_the_free_region_enabling_free_only_is_refused(make_guard: MakeGuard) -> None:
@@ -1042,11 +1055,11 @@ def test_r13_costs_add_up_exactly(any_guard: qg.QuotaGuard) -> None:
 @pytest.mark.parametrize(
     ("input_tokens", "output_tokens", "cost"),
     [
-        (131_072, 0, Decimal("0.1048576")),  # 131,072 x 0.8 / 1e6
-        (131_073, 0, Decimal("0.3145752")),  # 131,073 x 2.4 / 1e6
-        (131_072, 1_000, Decimal("0.1068576")),  # + 1,000 x 2 / 1e6
-        (131_073, 1_000, Decimal("0.3345752")),  # + 1,000 x 20 / 1e6
-        (262_145, 0, Decimal("1.258296")),  # 262,145 x 4.8 / 1e6
+        (128_000, 0, Decimal("0.1024")),  # 128,000 x 0.8 / 1e6 (K = 1,000)
+        (128_001, 0, Decimal("0.3072024")),  # 128,001 x 2.4 / 1e6
+        (128_000, 1_000, Decimal("0.1044")),  # + 1,000 x 2 / 1e6
+        (130_000, 1_000, Decimal("0.332")),  # 130,000 x 2.4 + 1,000 x 20: the second tier
+        (256_001, 0, Decimal("1.2288048")),  # 256,001 x 4.8 / 1e6
     ],
 )
 def test_r13_tier_is_set_by_the_request_input(
