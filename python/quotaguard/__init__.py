@@ -33,7 +33,9 @@ from .exceptions import (
     FreeTierOnly,
     LeaseExpiredWarning,
     LedgerError,
+    NoUsageWarning,
     QuotaGuardError,
+    UnguardedWarning,
 )
 from .guard import Budget, QuotaGuard, record_to_dict
 
@@ -50,10 +52,12 @@ __all__ = [
     "HourStats",
     "LeaseExpiredWarning",
     "LedgerError",
+    "NoUsageWarning",
     "Quota",
     "QuotaGuard",
     "QuotaGuardError",
     "Reservation",
+    "UnguardedWarning",
     "UsageRecord",
     "__version__",
     "count_tokens",

@@ -14,7 +14,9 @@ __all__ = [
     "FreeTierOnly",
     "LeaseExpiredWarning",
     "LedgerError",
+    "NoUsageWarning",
     "QuotaGuardError",
+    "UnguardedWarning",
 ]
 
 
@@ -29,7 +31,11 @@ class FreeTierOnly(QuotaGuardError):
     refused by the platform with ``AllocationQuota.FreeTierOnly``).
 
     ``reason`` is one of ``"exhausted"``, ``"expired"``, ``"no_quota"``,
-    ``"not_covered"``, ``"unverified"`` (``"overdue"`` for :class:`AccountOverdue`).
+    ``"not_covered"``, ``"unverified"``, ``"unbounded"`` (input that cannot be bounded
+    and no ``max_input_tokens=``), ``"unguarded"`` (a method quotaguard cannot guard)
+    (``"overdue"`` for :class:`AccountOverdue`). ``code`` is always the canonical one;
+    ``service_code`` is the service's own when the refusal came from the service
+    (``"Throttling.AllocationQuota"``, ``"PrepaidBillOverdue"``, ...), else ``None``.
     """
 
     code: str = "AllocationQuota.FreeTierOnly"
@@ -41,13 +47,15 @@ class FreeTierOnly(QuotaGuardError):
         remaining: int = 0,
         requested: int = 0,
         reason: str = "exhausted",
+        service_code: str | None = None,
     ) -> None:
-        super().__init__(message, model, remaining, requested, reason)
+        super().__init__(message, model, remaining, requested, reason, service_code)
         self.message = message
         self.model = model
         self.remaining = remaining
         self.requested = requested
         self.reason = reason
+        self.service_code = service_code
 
     def __str__(self) -> str:
         return self.message
@@ -65,8 +73,9 @@ class AccountOverdue(FreeTierOnly):
         remaining: int = 0,
         requested: int = 0,
         reason: str = "overdue",
+        service_code: str | None = None,
     ) -> None:
-        super().__init__(message, model, remaining, requested, reason)
+        super().__init__(message, model, remaining, requested, reason, service_code)
 
 
 class BudgetExceeded(QuotaGuardError):
@@ -87,3 +96,13 @@ class LedgerError(QuotaGuardError):
 
 class LeaseExpiredWarning(UserWarning):
     """A reservation was settled after its lease ended; the usage was recorded anyway."""
+
+
+class NoUsageWarning(UserWarning):
+    """A guarded function returned no usage: its calls are recorded at their worst case.
+    Warned once per function."""
+
+
+class UnguardedWarning(UserWarning):
+    """A client method quotaguard cannot guard was sent unguarded (Free Quota Only is off
+    for its model). Warned once per method."""
