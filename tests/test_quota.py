@@ -990,6 +990,37 @@ def test_r12_sync_sets_remaining_and_total(any_guard: qg.QuotaGuard) -> None:
     assert q.console == "362,917/1,000,000"
 
 
+def test_r12_sync_lowers_but_never_raises_unless_forced(any_guard: qg.QuotaGuard) -> None:
+    """The console lags and may show quota already gone: its figure lowers the remaining,
+    never raises it above the ledger's own; ``force=True`` (a user's correction) sets it."""
+    any_guard.grant("qwen-max")
+    any_guard.reserve("qwen-max", 100_000, 0).settle(100_000, 0)
+    assert any_guard.sync("qwen-max", "950,000/1,000,000").remaining == 900_000
+    assert any_guard.sync("qwen-max", "800,000/1,000,000").remaining == 800_000
+    assert any_guard.sync("qwen-max", "900,000/1,000,000").remaining == 800_000
+    forced = any_guard.sync("qwen-max", "900,000/1,000,000", force=True)
+    assert (forced.remaining, forced.used) == (900_000, 100_000)
+
+
+def test_r9_a_reservation_swept_by_a_guard_a_day_later_is_still_recorded(
+    make_guard: MakeGuard, clock: Clock
+) -> None:
+    """Another guard opens the ledger a day later and sweeps the expired hold: the late
+    settle still records its usage, as LeaseExpiredWarning says."""
+    first = make_guard()
+    first.grant("qwen-max", tokens=10_000)
+    held = first.reserve("qwen-max", 1_000, 1_000)
+    clock.advance(days=1)
+    later = make_guard()
+    assert later.quota("qwen-max").reserved == 0  # swept
+    later.reserve("qwen-max", 500, 0).settle(500, 0)
+    with pytest.warns(qg.LeaseExpiredWarning, match="recorded"):
+        record = held.settle(900, 700)
+    assert (record.input_tokens, record.output_tokens, record.free_tokens) == (900, 700, 1_600)
+    assert later.remaining("qwen-max") == 10_000 - 500 - 1_600
+    assert [r.input_tokens for r in later.records()] == [500, 900]
+
+
 def test_r12_sync_of_a_model_never_granted_creates_it(any_guard: qg.QuotaGuard) -> None:
     q = any_guard.sync("qwen-plus", "50,000/100,000")
     assert (q.remaining, q.total) == (50_000, 100_000)

@@ -637,6 +637,7 @@ class FakeDashScope:
         self._explicit_cache: dict[str, float] = {}
         self._responses: dict[str, list[dict[str, Any]]] = {}
         self._drops: list[bool] = []
+        self._active = 0
         self._host = host
         self._port = port
         self._lock = threading.Lock()
@@ -802,6 +803,22 @@ class FakeDashScope:
         refusal = _Refusal.of(code, status, message, in_stream_after)
         with self._lock:
             self._failures.append(_PendingFailure(refusal, times))
+
+    def idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no request is being answered (a client that gave up waiting does
+        not stop the server from answering, and billing, its request); True if so."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._active == 0:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+    def _busy(self, delta: int) -> None:
+        with self._lock:
+            self._active += delta
 
     def drop_next(self, times: int = 1, *, billed: bool = True) -> None:
         """Make the next ``times`` generation calls end in a dropped connection: the
@@ -1834,10 +1851,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _serve(self, method: str) -> None:
+        self.fake._busy(1)
         try:
             self._serve_unsafe(method)
         except (ConnectionError, TimeoutError, OSError):
             self.close_connection = True
+        finally:
+            self.fake._busy(-1)
 
     def _serve_unsafe(self, method: str) -> None:
         fake = self.fake
@@ -1925,6 +1945,12 @@ class _Handler(BaseHTTPRequestHandler):
             app = _NATIVE_APP.match(path)
             answer, reply = fake._native_application(app.group(1) if app else "", body, streamed)
             self._answer(answer, reply, compat=False, in_stream=in_stream)
+        elif method == "GET" and path == _COMPAT + "/models":
+            models = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "system"}
+                for m in ("qwen-plus", "qwen-max", "qwen-turbo")
+            ]
+            self._send_json(200, {"object": "list", "data": models}, str(uuid.uuid4()))
         elif compat and path.startswith(_COMPAT + "/files"):
             self._files(method, path[len(_COMPAT + "/files") :], raw)
         elif compat and path.startswith(_COMPAT + "/batches"):
