@@ -470,6 +470,7 @@ def check_demo_output(out: str) -> None:
     assert before == after > 0
     assert "never reached the server" in out
     assert re.search(r"call +1 .*/\d", out)  # progress with the console figure
+    assert re.search(r"call +3 +timed out after sending: in doubt", out)
     assert "free only" in out  # the status table
     assert "Bill " in out and "models that incurred charges: none" in out
 
