@@ -377,6 +377,7 @@ class _OpenAIHook:
             model = body.get("model") if isinstance(body, dict) else None
             check_unguarded(self.guard, model, f"POST {_ID.sub('/{id}', path)}")
             return request, None, None
+        sent_body = dict(body)
         bound = body.pop(BOUND_KEY, None)
         hide = False
         if endpoint in ("chat", "completions") and body.get("stream") is True:
@@ -399,6 +400,10 @@ class _OpenAIHook:
             )
             call = begin(self.guard, args, options, sent=False)
         tracer = _Tracer(request.extensions.get("trace"))
+        if args.kwargs == sent_body:  # the body goes as it is: the request is kept
+            request.headers["accept-encoding"] = "identity"
+            request.extensions = {**request.extensions, "trace": self._trace_fn(tracer)}
+            return request, call, tracer
         return self._rebuild(request, args.kwargs, tracer), call, tracer
 
     def _batch(self, args: _CallArgs, models: list[str] | None) -> _Call:

@@ -4,24 +4,30 @@
 and ``openai`` SDKs talk to unchanged: only their base URL changes. It speaks
 
 * DashScope's native API: ``POST /api/v1/services/aigc/text-generation/generation``,
-  ``.../aigc/multimodal-generation/generation`` and
-  ``.../embeddings/text-embedding/text-embedding``, plain JSON or server-sent
-  events (when the request carries ``X-DashScope-SSE: enable`` or
-  ``Accept: text/event-stream``), with ``incremental_output`` deltas or
-  cumulative text, and cumulative usage on every chunk;
-* the OpenAI-compatible API under ``/compatible-mode/v1``: ``chat/completions``
-  (JSON or SSE, with the final usage chunk when
-  ``stream_options.include_usage`` is true, and ``reasoning_content`` when
-  ``enable_thinking`` is true), ``embeddings``, and enough of ``files`` and
-  ``batches`` for ``client.batches.create(...)`` (a batch completes when it is
-  first retrieved);
+  ``.../aigc/multimodal-generation/generation``,
+  ``.../embeddings/text-embedding/text-embedding``,
+  ``.../embeddings/multimodal-embedding/multimodal-embedding``,
+  ``.../rerank/text-rerank/text-rerank`` and ``/api/v1/apps/<app_id>/completion``,
+  plain JSON or server-sent events (when the request carries
+  ``X-DashScope-SSE: enable`` or ``Accept: text/event-stream``), with
+  ``incremental_output`` deltas or cumulative text, and cumulative usage on every
+  chunk;
+* the OpenAI-compatible API under ``/compatible-mode/v1``: ``chat/completions`` and
+  ``completions`` (JSON or SSE, with the final usage chunk when
+  ``stream_options.include_usage`` is true, and ``reasoning_content`` in thinking
+  mode), ``responses`` (JSON or SSE events, ``previous_response_id`` too),
+  ``embeddings``, ``models``, and enough of ``files`` and ``batches`` for
+  ``client.batches.create(...)`` (a batch completes when it is first retrieved);
 * the platform's error bodies and status codes, before a response or inside a
   stream that already answered HTTP 200.
 
-Usage figures are real: input tokens are counted with the Qwen vocabulary
-(tiktoken over the ``qwen.tiktoken`` file that ships with ``dashscope``) plus
-the chat framing of SPEC R8, and output tokens are the tokens of the text the
-server produced.
+Usage figures are real, and billed as the service bills, not as a bound: input
+tokens are counted with the Qwen vocabulary (tiktoken over the ``qwen.tiktoken``
+file that ships with ``dashscope``) plus the chat template, and output tokens are
+the tokens of the text the server produced. A reply is billed in full once it is
+generated: a client that gives up waiting, closes a stream early or loses the
+connection is billed all the same (a stream that ends in an error frame bills
+nothing). :meth:`FakeDashScope.idle` waits until every request is answered.
 
 Example, in a user's own test::
 
@@ -62,18 +68,37 @@ role ``system``, the default system message the platform adds:
 costs 11 tokens, within the 21 that SPEC R8 allows for (Qwen2.5's
 ``"You are Qwen, created by Alibaba Cloud. You are a helpful assistant."`` is
 5 + 16 = 21; set ``default_system_prompt`` to it to bill the bound exactly).
-A native ``prompt`` is one user message. In a content list, text parts
-(``{"text": ...}`` or ``{"type": "text", "text": ...}``) count their tokens and
-every other part (an image, audio or video) counts ``server.image_tokens``
-(default 1280, Qwen-VL's largest image). Tool definitions are not counted.
-Embeddings count content tokens only, without framing.
+A native ``prompt`` is one user message. On top, as the service bills:
+
+* function tools are rendered with Qwen2.5's chat template into the system turn
+  (after its text, or after the default prompt), tool calls into the assistant
+  turn, consecutive tool results into one user turn;
+* a built-in tool (a ``type`` other than ``"function"``) or a plugin adds
+  ``server.builtin_tool_tokens`` (default 1,500), ``enable_search`` adds
+  ``server.search_tokens`` (default 2,000);
+* a ``fileid://<id>`` in a message adds every token of that uploaded file;
+* a Responses API ``previous_response_id`` bills the stored conversation again;
+* an image given as a PNG ``data:`` URL costs Qwen-VL's count from its pixels
+  (28-pixel patches, 4 to 1,280 of them, 16,384 with
+  ``vl_high_resolution_images``, plus 2); any other image, audio or video part
+  ``server.image_tokens`` (default 1,280);
+* a content part marked ``cache_control: {"type": "ephemeral"}`` creates an
+  explicit cache of the prefix up to it, hit by the same prefix within 5 minutes
+  (``cache_creation_input_tokens`` / ``cached_tokens``, ``cache_type``).
+
+Embeddings count content tokens only, without framing; multimodal embeddings add
+the image tokens; a reranker bills each (query, document) pair plus
+``server.rerank_pair_tokens``; an application bills ``server.app_model`` with
+``server.app_extra_tokens`` of retrieved input added.
 
 Output: ``min(max_tokens, server.reply_tokens)`` tokens of "Lorem ipsum ..."
 (every word is one Qwen token), or ``server.reply_text`` cut at ``max_tokens``.
-``finish_reason`` is ``"length"`` when ``max_tokens`` cut the reply. With
-``enable_thinking`` (compatible mode, or native with ``result_format`` =
-``"message"``), half of that budget is reasoning (``reasoning_content``,
-reported as ``reasoning_tokens``) and the rest is the reply.
+``finish_reason`` is ``"length"`` when ``max_tokens`` cut the reply. In thinking
+mode (``enable_thinking``, else the default of models in ``server.thinking_models``;
+natively only with ``result_format="message"``) the reply is preceded by
+``server.reasoning_tokens`` (default 40) of reasoning, capped by
+``thinking_budget`` and not by ``max_tokens`` (``reasoning_content``, reported as
+``reasoning_tokens``).
 
 Errors
 ------
@@ -87,6 +112,8 @@ native code                         status  compatible-mode code
 ==================================  ======  ==================================
 ``AllocationQuota.FreeTierOnly``    403     ``AllocationQuota.FreeTierOnly``
 ``Arrearage``                       400     ``Arrearage``
+``PrepaidBillOverdue``              400     ``PrepaidBillOverdue``
+``PostpaidBillOverdue``             400     ``PostpaidBillOverdue``
 ``InvalidApiKey``                   401     ``invalid_api_key``
 ``Throttling.RateQuota``            429     ``limit_requests``
 ``Throttling.AllocationQuota``      429     ``insufficient_quota``
@@ -105,10 +132,11 @@ lines, which the platform does not send), and in compatible mode a
 ``data: {"error": {...}}`` frame (``openai`` raises ``APIError`` with
 ``code`` set and no ``status_code``).
 
-"Model calls" are the generation, multimodal, embedding, chat-completion and
-batch-creation requests: the switches (``arrearage``, ``free_tier_only``,
-``free_quota``) and :meth:`FakeDashScope.fail_next` apply to them only; the
-API key is checked on every request.
+"Model calls" are the generation, multimodal, embedding, rerank, application,
+chat-completion, completion, response and batch-creation requests: the switches
+(``arrearage``, ``free_tier_only``, ``free_quota``), :meth:`FakeDashScope.fail_next`
+and :meth:`FakeDashScope.drop_next` (bill, then reset the connection without an
+answer) apply to them only; the API key is checked on every request.
 """
 
 from __future__ import annotations
@@ -600,8 +628,17 @@ class FakeDashScope:
             shut without ending the chunked body) after k chunks.
         default_system_prompt: the system message billed when a chat request
             has none.
-        image_tokens: input tokens billed for each non-text content part.
+        image_tokens: input tokens billed for each non-text content part whose
+            size is not read from its pixels.
         embedding_dimension: default length of embedding vectors.
+        search_tokens: input a web search adds (``enable_search``).
+        builtin_tool_tokens: input a built-in tool or a plugin adds.
+        reasoning_tokens: reasoning a call in thinking mode produces (capped by
+            its ``thinking_budget``).
+        thinking_models: models that think unless ``enable_thinking`` is false.
+        app_model, app_extra_tokens: the model an application calls, and the
+            input its retrieval adds.
+        rerank_pair_tokens: what a reranker adds to each (query, document) pair.
     """
 
     def __init__(

@@ -35,7 +35,7 @@ import struct
 import threading
 import types
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, cast, overload
 
@@ -1544,9 +1544,3 @@ def wrap(
         return cast(Callable[P, R], guarded)
 
     return decorate if fn is None else decorate(fn)
-
-
-def iter_chunks(items: Iterable[Any]) -> Iterator[Any]:
-    """Plain data of each item (SDK objects dumped), for code that reads chunks as dicts."""
-    for item in items:
-        yield _plain(item)
