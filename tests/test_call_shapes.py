@@ -73,6 +73,11 @@ SYNC_SHAPES: dict[str, Callable[[Any], Any]] = {
         c.with_streaming_response.chat.completions.create(**chat_kwargs(stream=True))
     ),
     "with_options": lambda c: c.with_options(timeout=30).chat.completions.create(**chat_kwargs()),
+    "copy": lambda c: c.copy(max_retries=1).chat.completions.create(**chat_kwargs()),
+    "beta create": lambda c: c.beta.chat.completions.create(**chat_kwargs()),
+    "beta parse": lambda c: c.beta.chat.completions.parse(**chat_kwargs()),
+    "beta stream": lambda c: _drain_helper(c.beta.chat.completions.stream(**chat_kwargs())),
+    "beta raw": lambda c: c.beta.chat.completions.with_raw_response.create(**chat_kwargs()).parse(),
     "parse": lambda c: c.chat.completions.parse(**chat_kwargs()),
     "stream helper": lambda c: _drain_helper(c.chat.completions.stream(**chat_kwargs())),
     "completions": lambda c: c.completions.create(model=MODEL, prompt="def f(", max_tokens=30),
