@@ -507,7 +507,12 @@ class _OpenAIHook:
         except BaseException as exc:
             call.sent = tracer.verdict(exc)
             _raise_for(call, exc)
-        response = self.answer(call, response, stream)
+        try:
+            response = self.answer(call, response, stream)
+        except BaseException as exc:  # the answer could not be read: it was sent
+            if not call.ended:
+                _end_failed(call, exc)
+            raise
         if call.ended and call.request.kind == "batch":
             self._ended_batch(call)
         return response
@@ -527,7 +532,12 @@ class _OpenAIHook:
         except BaseException as exc:
             call.sent = tracer.verdict(exc)
             _raise_for(call, exc)
-        response = await self.aanswer(call, response, stream)
+        try:
+            response = await self.aanswer(call, response, stream)
+        except BaseException as exc:
+            if not call.ended:
+                _end_failed(call, exc)
+            raise
         if call.ended and call.request.kind == "batch":
             self._ended_batch(call)
         return response
