@@ -1,4 +1,4 @@
-"""The quota surface of API.md: grants, reservations, records and money (SPEC R1..R13)."""
+"""The quota surface: grants, reservations, records and money (SPEC R1..R13)."""
 
 from __future__ import annotations
 

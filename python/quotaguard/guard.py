@@ -76,7 +76,7 @@ def _sink(ref: weakref.ref[QuotaGuard]) -> Callable[[list[Alert]], None]:
 class QuotaGuard(_core.QuotaGuard):
     """Guards DashScope / Qwen calls against the free token quota.
 
-    See the README for a tour; ``API.md`` of the project lists the contract.
+    See the README for a tour.
     """
 
     def __init__(
