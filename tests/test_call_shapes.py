@@ -235,29 +235,18 @@ def test_a_call_names_its_input_bound_and_it_is_never_sent(
 def test_a_client_without_the_private_hook_is_guarded_through_its_http_client(
     guard: Any, server: FakeDashScope, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SDK versions older than the transport method ``_send_request`` send through the
+    """SDK versions without the transport method ``_send_request`` send through the
     HTTP client: the guard hooks its ``send`` instead."""
     from quotaguard import clients
 
-    real = clients._install
-
-    def install(guard: Any, client: Any, options: Any) -> Any:
-        monkeypatch.delattr(type(client), "_send_request", raising=True)
-        return real(guard, client, options)
-
-    monkeypatch.setattr(clients, "_install", install)
+    monkeypatch.setattr(clients, "_sends_through_method", lambda client: False)
     raw = openai.OpenAI(api_key=SDK_KEY, base_url=server.openai_base, max_retries=0)
-    monkeypatch.setattr(
-        type(raw),
-        "_send_request",
-        lambda self, request, *, stream, **kw: self._client.send(request, stream=stream, **kw),
-        raising=False,
-    )
     client = guard.wrap_openai(raw)
-    monkeypatch.undo()
+    assert isinstance(client._target._client, clients._SendProxy)
     client.chat.completions.create(**chat_kwargs())
     list(client.chat.completions.create(**chat_kwargs(stream=True)))
     settled_exactly(guard, server)
+    assert len(server.usage_log) == 2
 
 
 # ------------------------------------------------------------------------------ dashscope

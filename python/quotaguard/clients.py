@@ -569,13 +569,19 @@ class _SendProxy:
         return getattr(self._inner, name)
 
 
+def _sends_through_method(client: Any) -> bool:
+    """Whether the SDK sends each attempt through ``client._send_request`` (openai 2 and
+    later), else straight through its HTTP client."""
+    return hasattr(type(client), "_send_request")
+
+
 def _install(guard: Guard, client: Any, options: Options) -> Any:
     """A private copy of ``client`` (same settings, same connection pool) whose every
     HTTP request passes the guard."""
     private = client.copy() if hasattr(client, "copy") else client.with_options()
     is_async = inspect.iscoroutinefunction(getattr(type(private), "request", None))
     hook_cls = _AsyncOpenAIHook if is_async else _OpenAIHook
-    if hasattr(type(private), "_send_request"):
+    if _sends_through_method(private):
         hook = hook_cls(guard, private, private._send_request, options)
         private._send_request = hook.asend if is_async else hook.send
     else:  # older SDKs send through the HTTP client directly
