@@ -22,8 +22,8 @@ use crate::types::{PyAlert, PyBill, PyForecast, PyHourStats, PyQuota, PyUsageRec
 use quotaguard_core::catalog::{Catalog, Site};
 use quotaguard_core::clock::{check_time, cst_day, month_of, system_now_ms};
 use quotaguard_core::config::{self, SpendRule};
-use quotaguard_core::error::{QuotaError, Result as QResult};
-use quotaguard_core::guard::{BudgetHold, Config, FreeOnlyTarget, Guard};
+use quotaguard_core::error::{QuotaError, RefusalReason, Result as QResult};
+use quotaguard_core::guard::{BudgetHold, Config, FreeOnlyTarget, Guard, Usage};
 use quotaguard_core::interrupt;
 use quotaguard_core::ledger::{self, AccountOp, Alert, Now, RecordQuery, ReservationRow};
 use quotaguard_core::money::to_decimal;
@@ -200,10 +200,11 @@ impl PyQuotaGuard {
         log.call_method1(
             "warning",
             (
-                "%r has no known price on the %s site: its billable tokens are recorded as unpriced, not as free; \
-                 add its prices with QuotaGuard(catalog=...)",
+                "%r has no known price on the %s site in %s: its billable tokens are recorded as unpriced, \
+                 not as free; add its prices with QuotaGuard(catalog=...)",
                 model,
                 self.inner.config.site.name(),
+                &self.inner.config.region,
             ),
         )?;
         Ok(())
@@ -602,6 +603,93 @@ impl PyQuotaGuard {
         })
     }
 
+    /// R6-R8 for a call whose cost is not known before it is sent: `reason` is
+    /// `"unbounded"` (input that cannot be bounded) or `"unguarded"` (a method the
+    /// wrapper cannot guard); `detail` says what. Raises `FreeTierOnly` (or
+    /// `AccountOverdue`) where a chargeable call would be refused.
+    #[pyo3(signature = (model, reason, detail))]
+    fn _check_uncounted(
+        &self,
+        py: Python<'_>,
+        model: Option<&str>,
+        reason: &str,
+        detail: &str,
+    ) -> PyResult<()> {
+        let reason = match reason {
+            "unbounded" => RefusalReason::Unbounded,
+            "unguarded" => RefusalReason::Unguarded,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "reason {other:?} is not \"unbounded\" or \"unguarded\""
+                )))
+            }
+        };
+        let now = self.now_ms(py)?;
+        self.run(py, |g| g.check_uncounted(model, reason, detail, now))
+    }
+
+    /// R9/R11: records usage that had no reservation (an application's models, a
+    /// batch's other models).
+    #[pyo3(signature = (model, input_tokens, output_tokens, request_id=None, *, kind="realtime", cached_tokens=None, thinking=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn _record_usage(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        input_tokens: &Bound<'_, PyAny>,
+        output_tokens: &Bound<'_, PyAny>,
+        request_id: Option<String>,
+        kind: &str,
+        cached_tokens: Option<&Bound<'_, PyAny>>,
+        thinking: bool,
+    ) -> PyResult<PyUsageRecord> {
+        let usage = Usage {
+            input_tokens: tokens(input_tokens, "input_tokens")?,
+            output_tokens: tokens(output_tokens, "output_tokens")?,
+            cached_tokens: opt_tokens(cached_tokens, "cached_tokens")?.unwrap_or(0),
+            thinking,
+            ..Default::default()
+        };
+        let kind = q(Kind::parse(kind))?;
+        let now = self.now_ms(py)?;
+        let rid = request_id.as_deref();
+        let out = self.run(py, |g| g.record_usage(model, kind, &usage, rid, now))?;
+        self.dispatch(py, out.alerts)?;
+        if out.record.cost_type == CostType::Unpriced {
+            self.warn_unpriced(py, model)?;
+        }
+        Ok(PyUsageRecord(out.record))
+    }
+
+    /// What the catalogue says of a model's reasoning and output (its defaults when the
+    /// catalogue does not know it): `{"known", "thinking", "max_reasoning_tokens",
+    /// "max_output_tokens", "default_max_output_tokens", "max_image_tokens"}`.
+    fn model_info<'py>(&self, py: Python<'py>, model: &str) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.inner.catalog();
+        let d = PyDict::new(py);
+        let m = c.model(model);
+        d.set_item("known", m.is_some())?;
+        d.set_item(
+            "thinking",
+            m.map_or(quotaguard_core::catalog::Thinking::None, |m| m.thinking)
+                .as_str(),
+        )?;
+        d.set_item(
+            "max_reasoning_tokens",
+            m.map_or(c.defaults.max_reasoning_tokens, |m| m.max_reasoning_tokens),
+        )?;
+        d.set_item(
+            "max_output_tokens",
+            m.map_or(c.defaults.max_output_tokens, |m| m.max_output_tokens),
+        )?;
+        d.set_item("default_max_output_tokens", c.default_max_output(model))?;
+        d.set_item(
+            "max_image_tokens",
+            m.map_or(c.defaults.max_image_tokens, |m| m.max_image_tokens),
+        )?;
+        Ok(d)
+    }
+
     // ---- money ----
 
     /// The tracked balance (R7), or `None` until one is stated.
@@ -979,25 +1067,18 @@ impl PyQuotaGuard {
             d.set_item("max_input_tokens", m.max_input_tokens)?;
             d.set_item("max_output_tokens", m.max_output_tokens)?;
             d.set_item("default_max_output_tokens", m.default_max_output_tokens)?;
+            d.set_item("thinking", m.thinking.as_str())?;
+            d.set_item("max_reasoning_tokens", m.max_reasoning_tokens)?;
+            d.set_item("max_image_tokens", m.max_image_tokens)?;
             let prices = PyDict::new(py);
-            for (site, table) in &m.prices {
-                let t = PyDict::new(py);
-                t.set_item("currency", table.currency.code())?;
-                t.set_item("cache_hit_percent", table.cache_hit_percent)?;
-                t.set_item("batch_percent", table.batch_percent)?;
-                let tiers = PyList::empty(py);
-                for tier in &table.tiers {
-                    let td = PyDict::new(py);
-                    td.set_item("up_to", tier.up_to)?;
-                    td.set_item("input", to_decimal(tier.input * 1_000_000))?;
-                    td.set_item("output", to_decimal(tier.output * 1_000_000))?;
-                    td.set_item(
-                        "thinking_output",
-                        tier.thinking_output.map(|p| to_decimal(p * 1_000_000)),
-                    )?;
-                    tiers.append(td)?;
+            for (site, sp) in &m.prices {
+                let t = price_dict(py, &sp.home)?;
+                t.set_item("prices_read", sp.prices_read.as_deref())?;
+                let regions = PyDict::new(py);
+                for (region, table) in &sp.regions {
+                    regions.set_item(region, price_dict(py, table)?)?;
                 }
-                t.set_item("tiers", tiers)?;
+                t.set_item("regions", regions)?;
                 prices.set_item(*site, t)?;
             }
             d.set_item("prices", prices)?;
@@ -1014,6 +1095,36 @@ fn window(obj: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
         Some(v) if !v.is_none() => number(v, "window_hours", "hours"),
         _ => Ok(24.0),
     }
+}
+
+/// One price table as plain data (prices per million tokens, as decimals).
+fn price_dict<'py>(
+    py: Python<'py>,
+    table: &quotaguard_core::money::PriceTable,
+) -> PyResult<Bound<'py, PyDict>> {
+    let t = PyDict::new(py);
+    t.set_item("currency", table.currency.code())?;
+    t.set_item("cache_hit_percent", table.cache_hit_percent)?;
+    t.set_item(
+        "explicit_cache_hit_percent",
+        table.explicit_cache_hit_percent,
+    )?;
+    t.set_item("cache_write_percent", table.cache_write_percent)?;
+    t.set_item("batch_percent", table.batch_percent)?;
+    let tiers = PyList::empty(py);
+    for tier in &table.tiers {
+        let td = PyDict::new(py);
+        td.set_item("up_to", tier.up_to)?;
+        td.set_item("input", to_decimal(tier.input * 1_000_000))?;
+        td.set_item("output", to_decimal(tier.output * 1_000_000))?;
+        td.set_item(
+            "thinking_output",
+            tier.thinking_output.map(|p| to_decimal(p * 1_000_000)),
+        )?;
+        tiers.append(td)?;
+    }
+    t.set_item("tiers", tiers)?;
+    Ok(t)
 }
 
 fn tokens_i64(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
@@ -1131,8 +1242,11 @@ impl PyReservation {
     }
 
     /// Records the usage the service reported (R9, R11). `thinking` defaults to how
-    /// the call was reserved.
-    #[pyo3(signature = (input_tokens, output_tokens, request_id=None, *, cached_tokens=None, thinking=None))]
+    /// the call was reserved. `cached_tokens`: input that hit a cache (an explicit one
+    /// when `explicit_cache`); `cache_creation_tokens`: input that created an explicit
+    /// cache.
+    #[pyo3(signature = (input_tokens, output_tokens, request_id=None, *, cached_tokens=None, cache_creation_tokens=None, explicit_cache=false, thinking=None))]
+    #[allow(clippy::too_many_arguments)]
     fn settle(
         &self,
         py: Python<'_>,
@@ -1140,17 +1254,23 @@ impl PyReservation {
         output_tokens: &Bound<'_, PyAny>,
         request_id: Option<String>,
         cached_tokens: Option<&Bound<'_, PyAny>>,
+        cache_creation_tokens: Option<&Bound<'_, PyAny>>,
+        explicit_cache: bool,
         thinking: Option<bool>,
     ) -> PyResult<PyUsageRecord> {
-        let input = tokens(input_tokens, "input_tokens")?;
-        let output = tokens(output_tokens, "output_tokens")?;
-        let cached = opt_tokens(cached_tokens, "cached_tokens")?.unwrap_or(0);
-        let thinking = thinking.unwrap_or(self.row.thinking);
+        let usage = Usage {
+            input_tokens: tokens(input_tokens, "input_tokens")?,
+            output_tokens: tokens(output_tokens, "output_tokens")?,
+            cached_tokens: opt_tokens(cached_tokens, "cached_tokens")?.unwrap_or(0),
+            cache_write_tokens: opt_tokens(cache_creation_tokens, "cache_creation_tokens")?
+                .unwrap_or(0),
+            explicit_cache,
+            thinking: thinking.unwrap_or(self.row.thinking),
+            in_doubt: false,
+        };
         let (row, hold) = (&self.row, &self.hold);
         let rid = request_id.as_deref();
-        self.settle_with(py, |g, now| {
-            g.settle(row, hold, input, output, cached, thinking, false, rid, now)
-        })
+        self.settle_with(py, |g, now| g.settle(row, hold, &usage, rid, now))
     }
 
     /// Settles at the worst case, as it was held (thinking or not): for calls whose real

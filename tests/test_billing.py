@@ -85,23 +85,32 @@ def reference_cost(prices: dict[str, Any], rec: qg.UsageRecord) -> Decimal | Non
     out_price = tier["output"]
     if rec.thinking and tier["thinking_output"] is not None:
         out_price = tier["thinking_output"]
+    if rec.kind == "batch":  # batch and cache discounts do not stack
+        full = per_million(rec.billable_input_tokens, tier["input"]) + per_million(
+            rec.billable_output_tokens, out_price
+        )
+        return full * prices["batch_percent"] / 100
     # Free quota covers cached input first, so only cache hits beyond it are billed cheaply.
     free_input = rec.input_tokens - rec.billable_input_tokens
     cached = min(max(rec.cached_tokens - free_input, 0), rec.billable_input_tokens)
     cached_price = tier["input"] * prices["cache_hit_percent"] / 100
-    total = (
+    return (
         per_million(rec.billable_input_tokens - cached, tier["input"])
         + per_million(cached, cached_price)
         + per_million(rec.billable_output_tokens, out_price)
     )
-    if rec.kind == "batch":
-        total = total * prices["batch_percent"] / 100
-    return total
+
+
+HOME_REGION = {"china": "cn-beijing", "international": "ap-southeast-1"}
 
 
 def site_prices(guard: qg.QuotaGuard, model: str) -> Any:
+    """The model's prices for the guard's site in the region it calls (R13)."""
     info = guard.catalog_info()["models"].get(model)
-    return None if info is None else info["prices"].get(guard.site)
+    table = None if info is None else info["prices"].get(guard.site)
+    if table is None or guard.region == HOME_REGION[guard.site]:
+        return table
+    return table["regions"].get(guard.region)
 
 
 @pytest.fixture
@@ -116,10 +125,11 @@ def qg_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixtur
 @pytest.mark.parametrize(
     ("request_input", "input_price", "output_price"),
     [
-        (131_072, "0.8", "2"),  # exactly 128K: still the first tier
-        (131_073, "2.4", "20"),
-        (262_144, "2.4", "20"),  # exactly 256K: still the second tier
-        (262_145, "4.8", "48"),
+        (128_000, "0.8", "2"),  # exactly 128K (K = 1,000): still the first tier
+        (128_001, "2.4", "20"),
+        (130_000, "2.4", "20"),  # past 128K, though below 128 x 1,024
+        (256_000, "2.4", "20"),  # exactly 256K: still the second tier
+        (256_001, "4.8", "48"),
     ],
 )
 def test_tier_boundary_sets_input_and_output_price(
@@ -204,8 +214,9 @@ def test_cached_input_tokens_cost_a_fifth_of_the_input_price(guard: qg.QuotaGuar
     assert rec.cost == (
         per_million(600, "2.4") + per_million(400, Decimal("2.4") / 5) + per_million(100, "9.6")
     )
+    # A batch pays half the real-time price, with no cache discount on top (no stacking).
     batch = call(guard, "qwen-max", 1_000, 100, cached=400, kind="batch")
-    assert batch.cost == rec.cost / 2
+    assert batch.cost == (per_million(1_000, "2.4") + per_million(100, "9.6")) / 2
 
 
 def test_cached_tokens_above_input_tokens_are_refused(guard: qg.QuotaGuard) -> None:

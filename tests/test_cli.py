@@ -105,6 +105,20 @@ def test_sync_sets_the_console_figure(capsys: pytest.CaptureFixture[str], ledger
     assert quotaguard.QuotaGuard(ledger=ledger).remaining(MODEL) == 362_917
 
 
+def test_sync_never_raises_the_remaining_unless_forced(
+    capsys: pytest.CaptureFixture[str], ledger: str
+) -> None:
+    run(capsys, "grant", MODEL, "--ledger", ledger)
+    run(capsys, "sync", MODEL, "362,917/1,000,000", "--ledger", ledger)
+    code, out, err = run(capsys, "sync", MODEL, "500,000/1,000,000", "--ledger", ledger)
+    assert code == 0, err
+    assert quotaguard.QuotaGuard(ledger=ledger).remaining(MODEL) == 362_917
+    code, out, err = run(capsys, "sync", MODEL, "500,000/1,000,000", "--force", "--ledger", ledger)
+    assert code == 0, err
+    assert "500,000/1,000,000" in out
+    assert quotaguard.QuotaGuard(ledger=ledger).remaining(MODEL) == 500_000
+
+
 @pytest.mark.parametrize("figure", ["362917 of 1000000", "2/1", "abc/def", ""])
 def test_sync_refuses_a_bad_figure(
     capsys: pytest.CaptureFixture[str], ledger: str, figure: str
@@ -456,6 +470,7 @@ def check_demo_output(out: str) -> None:
     assert before == after > 0
     assert "never reached the server" in out
     assert re.search(r"call +1 .*/\d", out)  # progress with the console figure
+    assert re.search(r"call +3 +timed out after sending: in doubt", out)
     assert "free only" in out  # the status table
     assert "Bill " in out and "models that incurred charges: none" in out
 

@@ -347,8 +347,8 @@ def test_openai_refusal_inside_a_stream_is_mapped(
         for chunk in chat(client, stream=True):
             seen.append(chunk)
     assert len(seen) == 2
-    assert isinstance(raised.value.__cause__, openai.APIError)
-    assert guard.records() == []
+    assert raised.value.service_code == code
+    assert guard.records() == []  # the error answer bills nothing: released
 
 
 def test_openai_401_reraises_the_sdk_error(guard: Any, server: FakeDashScope) -> None:
@@ -379,11 +379,13 @@ def test_openai_stream_cut_by_the_server(guard: Any, client: Any, server: FakeDa
     assert record.output_tokens == 15
 
 
-def test_openai_cancelled_mid_call_releases(guard: Any, server: FakeDashScope) -> None:
-    server.latency = 2.0
+def test_openai_cancelled_after_sending_is_in_doubt(guard: Any, server: FakeDashScope) -> None:
+    server.latency = 0.5
 
     async def test(client: Any) -> None:
-        task = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=MESSAGES))
+        task = asyncio.create_task(
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=25)
+        )
         while server.request_count == 0:  # reserved, sent, waiting for the answer
             await asyncio.sleep(0.01)
         assert guard.quota(MODEL).reserved > 0
@@ -392,8 +394,10 @@ def test_openai_cancelled_mid_call_releases(guard: Any, server: FakeDashScope) -
             await task
 
     run_with_client(guard, server, test)
-    assert guard.remaining(MODEL) == FREE
-    assert guard.records() == []
+    [record] = guard.records()
+    assert (record.output_tokens, record.in_doubt) == (25, True)
+    [(_, billed_in, billed_out)] = server_usage(server, 1)  # the service went on
+    assert record.input_tokens >= billed_in and record.output_tokens >= billed_out
 
 
 def test_openai_with_options_stays_guarded(guard: Any, client: Any, server: FakeDashScope) -> None:
@@ -433,15 +437,88 @@ def test_openai_parse_and_raw_responses(guard: Any, client: Any, server: FakeDas
     parsed = client.chat.completions.parse(model=MODEL, messages=MESSAGES)
     assert parsed.usage.total_tokens > 0
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, max_tokens=15
+        model=MODEL, messages=MESSAGES, max_tokens=50
     )
-    assert raw.parse().usage.completion_tokens <= 15
-    first, second = guard.records()
-    assert (first.input_tokens, first.output_tokens) == server_usage(server, 2)[0][1:]
-    assert second.output_tokens == 15  # a raw response shows no usage: the worst case
+    assert raw.parse().usage.completion_tokens == 20
+    # A raw response is read as it passes: the real usage, not the worst case.
+    assert recorded(guard) == server_usage(server, 2)
 
 
 def test_openai_thinking_call(guard: Any, client: Any, server: FakeDashScope) -> None:
     completion = chat(client, extra_body={"enable_thinking": True, "thinking_budget": 50})
     assert completion.usage.completion_tokens_details.reasoning_tokens > 0
     assert recorded(guard) == server_usage(server, 1)
+
+
+@pytest.mark.parametrize(
+    ("code", "exception", "service_code"),
+    [
+        ("Throttling.AllocationQuota", FreeTierOnly, "insufficient_quota"),
+        ("PrepaidBillOverdue", AccountOverdue, "PrepaidBillOverdue"),
+        ("PostpaidBillOverdue", AccountOverdue, "PostpaidBillOverdue"),
+    ],
+)
+def test_openai_quota_answers_are_mapped_and_never_retried(
+    guard: Any,
+    server: FakeDashScope,
+    code: str,
+    exception: type[FreeTierOnly],
+    service_code: str,
+) -> None:
+    server.fail_next(code, times=3)  # 429 and 400: openai would retry the 429
+    raw = openai.OpenAI(api_key=KEY, base_url=server.openai_base, max_retries=2)
+    with wrap_openai(guard, raw) as client, pytest.raises(exception) as raised:
+        chat(client)
+    assert (raised.value.code, raised.value.service_code) == (exception.code, service_code)
+    assert server.request_count == 1
+    assert guard.records() == []
+    if exception is AccountOverdue:
+        assert guard.overdue
+    else:
+        assert guard.remaining(MODEL) == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "exception"),
+    [("Throttling.AllocationQuota", FreeTierOnly), ("PostpaidBillOverdue", AccountOverdue)],
+)
+def test_native_quota_answers_are_mapped(
+    guard: Any, ds: Any, server: FakeDashScope, code: str, exception: type[FreeTierOnly]
+) -> None:
+    server.fail_next(code)
+    with pytest.raises(exception) as raised:
+        generate(ds)
+    assert raised.value.service_code == code
+    assert guard.records() == []
+
+
+def test_openai_clip_rewrites_the_request(guard: Any, server: FakeDashScope) -> None:
+    guard.grant(MODEL, tokens=200)
+    guard.set_free_only(MODEL)
+    raw = openai.OpenAI(api_key=KEY, base_url=server.openai_base, max_retries=0)
+    with wrap_openai(guard, raw, clip=True) as client:
+        completion = chat(client, max_tokens=5_000)
+    sent = server.requests[-1].body["max_tokens"]
+    assert 0 < sent < 200
+    assert completion.usage.completion_tokens <= sent
+    assert recorded(guard) == server_usage(server, 1)
+
+
+def test_openai_async_batch_reads_its_models_from_the_input_file(
+    guard: Any, server: FakeDashScope
+) -> None:
+    line = (
+        '{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", '
+        '"body": {"model": "qwen-plus", "messages": [{"role": "user", "content": "Hi"}]}}\n'
+    )
+
+    async def test(client: Any) -> None:
+        upload = await client.files.create(file=("b.jsonl", line.encode()), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        [record] = guard.records()
+        assert (record.model, record.kind, record.request_id) == (MODEL, "batch", batch.id)
+
+    run_with_client(guard, server, test)
+    assert "metadata" not in server.requests[-1].body or not server.requests[-1].body["metadata"]

@@ -114,7 +114,8 @@ def test_exhausted_attributes_and_message(guard: qg.QuotaGuard) -> None:
     assert str(e) == (
         'free quota of "qwen-max" exhausted: requested 1,200 tokens, 800 of 1,000,000 left'
     )
-    assert e.args == (str(e), "qwen-max", 800, 1_200, "exhausted")
+    assert e.args == (str(e), "qwen-max", 800, 1_200, "exhausted", None)
+    assert e.service_code is None  # refused here, not by the service
 
 
 def test_unverified_expired_message() -> None:
@@ -242,6 +243,8 @@ def test_rust_raised_exceptions_pickle(index: int) -> None:
         FreeTierOnly("refused", "qwen-max", 800, 1_200, "exhausted"),
         FreeTierOnly("only a message"),
         AccountOverdue("overdue", "qwen-plus", 5, 6),
+        AccountOverdue("overdue", "qwen-plus", 5, 0, "overdue", "PrepaidBillOverdue"),
+        FreeTierOnly("quota", "qwen-plus", 0, 0, "exhausted", "Throttling.AllocationQuota"),
         BudgetExceeded("budget"),
         LedgerError("ledger /x: broken", "/x"),
         LedgerError("no name"),
@@ -259,6 +262,7 @@ def test_python_built_exceptions_pickle(e: BaseException) -> None:
             e.requested,
             e.reason,
         )
+        assert copied.service_code == e.service_code
 
 
 def test_account_overdue_defaults() -> None:
@@ -272,3 +276,71 @@ def test_account_overdue_defaults() -> None:
     )
     f = FreeTierOnly("y")
     assert (f.code, f.reason) == ("AllocationQuota.FreeTierOnly", "exhausted")
+
+
+# --------------------------------------------------------------------------- service answers
+
+
+@pytest.mark.parametrize(
+    ("service_code", "cls", "canonical"),
+    [
+        ("AllocationQuota.FreeTierOnly", FreeTierOnly, "AllocationQuota.FreeTierOnly"),
+        ("Throttling.AllocationQuota", FreeTierOnly, "AllocationQuota.FreeTierOnly"),
+        ("insufficient_quota", FreeTierOnly, "AllocationQuota.FreeTierOnly"),
+        ("Arrearage", AccountOverdue, "Arrearage"),
+        ("PrepaidBillOverdue", AccountOverdue, "Arrearage"),
+        ("PostpaidBillOverdue", AccountOverdue, "Arrearage"),
+    ],
+)
+def test_service_answers_update_the_ledger_and_keep_both_codes(
+    service_code: str, cls: type[FreeTierOnly], canonical: str
+) -> None:
+    guard = qg.QuotaGuard("memory://")
+    guard.grant(MODEL)
+    e = guard.service_error(MODEL, service_code, "said the service")
+    assert type(e) is cls
+    assert isinstance(e, FreeTierOnly)
+    assert (e.code, e.service_code) == (canonical, service_code)
+    assert service_code in str(e) and "said the service" in str(e)
+    if cls is AccountOverdue:
+        assert guard.overdue  # R12: the account is overdue; every call is refused
+        assert guard.remaining(MODEL) == MILLION
+        with pytest.raises(AccountOverdue):
+            guard.reserve("qwen-plus", 1, 1)
+    else:
+        assert not guard.overdue
+        assert guard.remaining(MODEL) == 0  # R12: the model's free quota is used up
+    assert roundtrip(e).service_code == service_code  # type: ignore[attr-defined]
+
+
+def test_other_service_codes_change_nothing() -> None:
+    guard = qg.QuotaGuard("memory://")
+    guard.grant(MODEL)
+    for code in ("Throttling.RateQuota", "InternalError", "InvalidParameter", ""):
+        assert guard.service_error(MODEL, code) is None
+    assert guard.remaining(MODEL) == MILLION and not guard.overdue
+
+
+def test_unbounded_and_unguarded_refusals() -> None:
+    guard = qg.QuotaGuard("memory://")
+    guard.grant(MODEL)
+    guard._check_uncounted(MODEL, "unbounded", "enable_search")  # switch off: goes ahead
+    guard.set_free_only(MODEL)
+    e = raised(lambda: guard._check_uncounted(MODEL, "unbounded", "enable_search"), FreeTierOnly)
+    assert (e.reason, e.model, e.remaining, e.service_code) == (
+        "unbounded",
+        MODEL,
+        MILLION,
+        None,
+    )
+    assert "enable_search" in str(e) and "max_input_tokens=" in str(e)
+    speech = "POST /audio/speech"
+    e = raised(lambda: guard._check_uncounted(None, "unguarded", speech), FreeTierOnly)
+    assert (e.reason, e.model) == ("unguarded", "")
+    assert str(e).startswith("POST /audio/speech cannot be guarded")
+    roundtrip(e)
+    unverified = qg.QuotaGuard("memory://", verified=False)
+    e = raised(lambda: unverified._check_uncounted("qwen-plus", "unguarded", "X"), FreeTierOnly)
+    assert "not identity-verified" in str(e)
+    with pytest.raises(ValueError, match="sideways"):
+        guard._check_uncounted(MODEL, "sideways", "x")

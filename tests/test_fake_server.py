@@ -231,12 +231,34 @@ def test_native_stream_incremental_false_is_merged_by_the_sdk(native: Any) -> No
 
 
 def test_native_thinking(native: Any) -> None:
+    # Reasoning is billed on top of max_tokens (which limits the answer), up to
+    # thinking_budget, else the server's reasoning length.
     rsp = generate(enable_thinking=True, result_format="message", max_tokens=10)
     message = rsp.output.choices[0].message
-    assert message.reasoning_content == lorem(5)
-    assert message.content == lorem(5)
-    assert rsp.usage.output_tokens == 10
-    assert rsp.usage.output_tokens_details == {"reasoning_tokens": 5}
+    assert message.reasoning_content == lorem(native.reasoning_tokens)
+    assert message.content == lorem(10)
+    assert rsp.usage.output_tokens == 10 + native.reasoning_tokens
+    assert rsp.usage.output_tokens_details == {"reasoning_tokens": native.reasoning_tokens}
+    rsp = generate(enable_thinking=True, result_format="message", max_tokens=10, thinking_budget=7)
+    assert rsp.usage.output_tokens_details == {"reasoning_tokens": 7}
+
+
+def test_models_that_think_by_default(native: Any) -> None:
+    assert "qwen3.5-plus" in native.thinking_models
+    rsp = dashscope.Generation.call(
+        model="qwen3.5-plus", prompt="Hi", api_key=KEY, result_format="message", max_tokens=5
+    )
+    assert rsp.usage.output_tokens_details == {"reasoning_tokens": native.reasoning_tokens}
+    off = dashscope.Generation.call(
+        model="qwen3.5-plus",
+        prompt="Hi",
+        api_key=KEY,
+        result_format="message",
+        max_tokens=5,
+        enable_thinking=False,
+    )
+    assert off.usage.output_tokens == 5
+    assert "output_tokens_details" not in off.usage
 
 
 def test_native_multimodal(native: Any) -> None:
@@ -346,22 +368,23 @@ def test_compat_stream_without_usage(client: Any) -> None:
     assert all(c.choices for c in chunks)
 
 
-def test_compat_thinking(client: Any) -> None:
+def test_compat_thinking(server: Any, client: Any) -> None:
     thinking = {"enable_thinking": True}
     rsp = chat(client, max_tokens=8, extra_body=thinking)
-    assert rsp.choices[0].message.reasoning_content == lorem(4)
-    assert rsp.choices[0].message.content == lorem(4)
-    assert rsp.usage.completion_tokens == 8
-    assert rsp.usage.completion_tokens_details.reasoning_tokens == 4
+    assert rsp.choices[0].message.reasoning_content == lorem(server.reasoning_tokens)
+    assert rsp.choices[0].message.content == lorem(8)
+    assert rsp.usage.completion_tokens == 8 + server.reasoning_tokens
+    assert rsp.usage.completion_tokens_details.reasoning_tokens == server.reasoning_tokens
 
-    stream = chat(client, stream=True, stream_options={"include_usage": True}, extra_body=thinking)
+    budget = {**thinking, "thinking_budget": 10}
+    stream = chat(client, stream=True, stream_options={"include_usage": True}, extra_body=budget)
     chunks = list(stream)
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
     assert reasoning == lorem(10)
-    assert "".join(d.content or "" for d in deltas) == lorem(10)
+    assert "".join(d.content or "" for d in deltas) == lorem(20)
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == tokens(reasoning) == 10
-    assert chunks[-1].usage.completion_tokens == 20
+    assert chunks[-1].usage.completion_tokens == 30
 
 
 def test_compat_async(server: Any) -> None:
@@ -660,7 +683,8 @@ def test_close_stream_after(native: Any, client: Any) -> None:
         for c in chat(client, stream=True, stream_options={"include_usage": True}):
             got.append(c)
     assert len(got) == 2
-    assert native.usage_log == []
+    # The service generated both replies: they are billed, though nobody read them.
+    assert [u[2] for u in native.usage_log] == [20, 20]
     native.close_stream_after = None
     assert len(list(generate(stream=True, incremental_output=True))) == 20
 

@@ -1,4 +1,4 @@
-"""The quota surface of API.md: grants, reservations, records and money (SPEC R1..R13)."""
+"""The quota surface: grants, reservations, records and money (SPEC R1..R13)."""
 
 from __future__ import annotations
 
@@ -191,15 +191,28 @@ def test_r2_international_site_has_free_quota_in_singapore_only(make_guard: Make
     assert beijing.remaining("qwen-max") == 0
 
 
-def test_r2_a_call_outside_the_free_region_is_charged(make_guard: MakeGuard) -> None:
+def test_r2_a_call_outside_the_free_region_is_charged(
+    make_guard: MakeGuard, tmp_path: Path
+) -> None:
     beijing = make_guard(region="cn-beijing")
-    singapore = make_guard(region="ap-southeast-1")
     beijing.grant("qwen-max")
+    # R13: a China-site account calling Singapore pays Singapore's column, never
+    # Beijing's; the bundled catalogue has none, so the call is unpriced, not free.
+    singapore = make_guard(region="ap-southeast-1")
     rec = spend(singapore, "qwen-max", 1_000, 1_000)
     assert rec.free_tokens == 0
-    assert rec.cost_type == "pay_as_you_go"
-    assert rec.cost == Decimal("0.012")
+    assert (rec.cost_type, rec.cost) == ("unpriced", None)
+    column = tmp_path / "singapore.toml"
+    column.write_text(
+        "[models.qwen-max.prices.china.regions.ap-southeast-1]\n"
+        'tiers = [{ input = "10", output = "20" }]\n'  # a user's figures, for the test
+    )
+    priced = make_guard(region="ap-southeast-1", catalog=column)
+    rec = spend(priced, "qwen-max", 1_000, 1_000)
+    assert (rec.cost_type, rec.currency) == ("pay_as_you_go", "CNY")
+    assert rec.cost == Decimal("0.03")  # 1,000 x 10 + 1,000 x 20 per million
     assert beijing.remaining("qwen-max") == MILLION
+    assert spend(beijing, "qwen-max", 1_000, 1_000).free_tokens == 2_000
 
 
 def test_r2_outside_the_free_region_enabling_free_only_is_refused(make_guard: MakeGuard) -> None:
@@ -977,6 +990,37 @@ def test_r12_sync_sets_remaining_and_total(any_guard: qg.QuotaGuard) -> None:
     assert q.console == "362,917/1,000,000"
 
 
+def test_r12_sync_lowers_but_never_raises_unless_forced(any_guard: qg.QuotaGuard) -> None:
+    """The console lags and may show quota already gone: its figure lowers the remaining,
+    never raises it above the ledger's own; ``force=True`` (a user's correction) sets it."""
+    any_guard.grant("qwen-max")
+    any_guard.reserve("qwen-max", 100_000, 0).settle(100_000, 0)
+    assert any_guard.sync("qwen-max", "950,000/1,000,000").remaining == 900_000
+    assert any_guard.sync("qwen-max", "800,000/1,000,000").remaining == 800_000
+    assert any_guard.sync("qwen-max", "900,000/1,000,000").remaining == 800_000
+    forced = any_guard.sync("qwen-max", "900,000/1,000,000", force=True)
+    assert (forced.remaining, forced.used) == (900_000, 100_000)
+
+
+def test_r9_a_reservation_swept_by_a_guard_a_day_later_is_still_recorded(
+    make_guard: MakeGuard, clock: Clock
+) -> None:
+    """Another guard opens the ledger a day later and sweeps the expired hold: the late
+    settle still records its usage, as LeaseExpiredWarning says."""
+    first = make_guard()
+    first.grant("qwen-max", tokens=10_000)
+    held = first.reserve("qwen-max", 1_000, 1_000)
+    clock.advance(days=1)
+    later = make_guard()
+    assert later.quota("qwen-max").reserved == 0  # swept
+    later.reserve("qwen-max", 500, 0).settle(500, 0)
+    with pytest.warns(qg.LeaseExpiredWarning, match="recorded"):
+        record = held.settle(900, 700)
+    assert (record.input_tokens, record.output_tokens, record.free_tokens) == (900, 700, 1_600)
+    assert later.remaining("qwen-max") == 10_000 - 500 - 1_600
+    assert [r.input_tokens for r in later.records()] == [500, 900]
+
+
 def test_r12_sync_of_a_model_never_granted_creates_it(any_guard: qg.QuotaGuard) -> None:
     q = any_guard.sync("qwen-plus", "50,000/100,000")
     assert (q.remaining, q.total) == (50_000, 100_000)
@@ -1042,11 +1086,11 @@ def test_r13_costs_add_up_exactly(any_guard: qg.QuotaGuard) -> None:
 @pytest.mark.parametrize(
     ("input_tokens", "output_tokens", "cost"),
     [
-        (131_072, 0, Decimal("0.1048576")),  # 131,072 x 0.8 / 1e6
-        (131_073, 0, Decimal("0.3145752")),  # 131,073 x 2.4 / 1e6
-        (131_072, 1_000, Decimal("0.1068576")),  # + 1,000 x 2 / 1e6
-        (131_073, 1_000, Decimal("0.3345752")),  # + 1,000 x 20 / 1e6
-        (262_145, 0, Decimal("1.258296")),  # 262,145 x 4.8 / 1e6
+        (128_000, 0, Decimal("0.1024")),  # 128,000 x 0.8 / 1e6 (K = 1,000)
+        (128_001, 0, Decimal("0.3072024")),  # 128,001 x 2.4 / 1e6
+        (128_000, 1_000, Decimal("0.1044")),  # + 1,000 x 2 / 1e6
+        (130_000, 1_000, Decimal("0.332")),  # 130,000 x 2.4 + 1,000 x 20: the second tier
+        (256_001, 0, Decimal("1.2288048")),  # 256,001 x 4.8 / 1e6
     ],
 )
 def test_r13_tier_is_set_by_the_request_input(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import socket
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from conftest import SDK_KEY, recorded, server_usage
 
 import quotaguard
-from quotaguard.exceptions import AccountOverdue, FreeTierOnly
+from quotaguard.exceptions import AccountOverdue, FreeTierOnly, NoUsageWarning
 from quotaguard.testing import FakeDashScope
 from quotaguard.wrap import IMAGE_TOKENS, GuardedAsyncStream, GuardedStream, wrap
 
@@ -101,15 +102,44 @@ def test_async_function(guard: Any, server: FakeDashScope) -> None:
     assert recorded(guard) == server_usage(server, 1)
 
 
-def test_result_without_usage_settles_the_worst_case(guard: Any) -> None:
+def test_result_without_usage_settles_the_worst_case_with_one_warning(guard: Any) -> None:
     @wrap(guard)
     def ask(model: str, prompt: str, max_tokens: int) -> str:
         return "an answer, but no usage"
 
-    assert ask(MODEL, "Hi", max_tokens=12) == "an answer, but no usage"
-    [record] = guard.records()
-    assert record.output_tokens == 12
-    assert record.input_tokens == guard.input_bound(prompt="Hi")
+    with pytest.warns(NoUsageWarning, match="ask returned no usage"):
+        assert ask(MODEL, "Hi", max_tokens=12) == "an answer, but no usage"
+    assert ask(MODEL, "Hi", max_tokens=12) == "an answer, but no usage"  # warned once
+    first, second = guard.records()
+    assert (first.input_tokens, first.output_tokens) == (guard.input_bound(prompt="Hi"), 12)
+    assert not first.in_doubt  # the call ended; only its usage is unknown
+    assert (second.input_tokens, second.output_tokens) == (first.input_tokens, 12)
+
+
+def test_defaults_of_the_wrapped_function_are_read(guard: Any) -> None:
+    """Item 7: model, messages and max_tokens from the function's own defaults."""
+    guard.grant(MODEL, tokens=1_000)
+    guard.set_free_only(MODEL)
+    reserved = []
+
+    @guard.wrap
+    def ask(model: str = MODEL, messages: Any = MESSAGES, max_tokens: int = 512) -> Any:
+        reserved.append(guard.quota(model).reserved)
+        return usage_dict(10, 5)
+
+    ask()  # the catalogue default for qwen-plus (32,768) would not fit in 1,000
+    assert reserved == [bound(guard) + 512]
+    ask(max_tokens=20)
+    assert reserved[-1] == bound(guard) + 20
+
+    @guard.wrap
+    def summarize(text: str, model: str = MODEL, prompt: str = "Summarize this.") -> Any:
+        reserved.append(guard.quota(model).reserved)
+        return usage_dict(10, 5)
+
+    with pytest.raises(FreeTierOnly):  # no max_tokens default: the catalogue's 32,768
+        summarize("x")
+    assert recorded(guard) == [(MODEL, 10, 5)] * 2
 
 
 def test_openai_shaped_dict_and_model_from_wrap(guard: Any) -> None:
@@ -224,37 +254,70 @@ def test_refused_call_is_never_made(guard: Any) -> None:
     assert guard.remaining(MODEL) == 100
 
 
-def test_exception_is_reraised_untouched_and_releases(guard: Any) -> None:
+def test_an_exception_is_reraised_untouched_and_in_doubt(guard: Any) -> None:
+    """Whether a failed function's request reached the service is unknown: its worst case
+    is recorded, marked in doubt (R9), never released."""
     boom = RuntimeError("network down")
 
     @wrap(guard)
-    def ask(model: str, prompt: str) -> None:
+    def ask(model: str, prompt: str, max_tokens: int = 40) -> None:
         raise boom
 
     with pytest.raises(RuntimeError) as raised:
         ask(MODEL, "Hi")
     assert raised.value is boom
-    assert guard.remaining(MODEL) == FREE
+    [record] = guard.records()
+    assert (record.output_tokens, record.in_doubt) == (40, True)
+    assert guard.remaining(MODEL) == FREE - record.input_tokens - 40
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConnectionRefusedError(111, "refused"), socket.gaierror(-2, "Name or service not known")],
+    ids=["refused", "no-such-host"],
+)
+def test_an_error_that_proves_nothing_was_sent_releases(guard: Any, error: Exception) -> None:
+    @wrap(guard)
+    def ask(model: str, prompt: str) -> None:
+        raise RuntimeError("the SDK wraps it") from error
+
+    with pytest.raises(RuntimeError):
+        ask(MODEL, "Hi")
     assert guard.records() == []
+    assert guard.remaining(MODEL) == FREE
     assert failures(guard) == 1
 
 
-def test_keyboard_interrupt_releases(guard: Any) -> None:
+def test_an_http_error_answer_releases(guard: Any) -> None:
+    class StatusError(Exception):
+        status_code = 503
+
     @wrap(guard)
     def ask(model: str, prompt: str) -> None:
+        raise StatusError("service unavailable")
+
+    with pytest.raises(StatusError):
+        ask(MODEL, "Hi")
+    assert guard.records() == []
+    assert guard.remaining(MODEL) == FREE
+
+
+def test_keyboard_interrupt_is_in_doubt(guard: Any) -> None:
+    @wrap(guard)
+    def ask(model: str, prompt: str, max_tokens: int = 30) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         ask(MODEL, "Hi")
-    assert guard.remaining(MODEL) == FREE
-    assert guard.records() == []
+    [record] = guard.records()
+    assert (record.output_tokens, record.in_doubt) == (30, True)
 
 
-def test_cancellation_releases(guard: Any) -> None:
+def test_cancellation_is_in_doubt(guard: Any) -> None:
     started = asyncio.Event()
 
     @wrap(guard)
-    async def ask(model: str, prompt: str) -> None:
+    async def ask(model: str, prompt: str, max_tokens: int = 30) -> None:
         started.set()
         await asyncio.sleep(30)
 
@@ -267,7 +330,8 @@ def test_cancellation_releases(guard: Any) -> None:
             await task
 
     asyncio.run(main())
-    assert guard.remaining(MODEL) == FREE
+    [record] = guard.records()
+    assert (record.output_tokens, record.in_doubt) == (30, True)
 
 
 @pytest.mark.parametrize(
@@ -311,6 +375,7 @@ def test_a_call_without_model_or_input_is_a_type_error(guard: Any) -> None:
 # ------------------------------------------------------------------------------ bounds
 
 
+@pytest.mark.filterwarnings("ignore::quotaguard.NoUsageWarning")
 def test_output_bound_counts_choices_and_thinking(guard: Any) -> None:
     reserved = []
 
@@ -324,9 +389,11 @@ def test_output_bound_counts_choices_and_thinking(guard: Any) -> None:
     ask(MODEL, MESSAGES, max_tokens=10, enable_thinking=True, thinking_budget=20)
     ask(MODEL, MESSAGES)
     default = guard.default_max_output(MODEL)
-    assert reserved == [30, 10, 10 + default, 30, default]
+    reasoning = guard.model_info(MODEL)["max_reasoning_tokens"]  # the longest chain of thought
+    assert reserved == [30, 10, 10 + reasoning, 30, default]
 
 
+@pytest.mark.filterwarnings("ignore::quotaguard.NoUsageWarning")
 def test_input_bound_counts_images_and_tools(guard: Any) -> None:
     reserved = []
     picture = [
@@ -406,6 +473,7 @@ def test_plain_function_returning_a_coroutine(guard: Any) -> None:
     assert recorded(guard) == [(MODEL, 7, 3)]
 
 
+@pytest.mark.filterwarnings("ignore::quotaguard.NoUsageWarning")
 def test_one_shot_iterables_reach_the_function_intact(guard: Any) -> None:
     seen = []
 

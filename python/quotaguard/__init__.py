@@ -36,7 +36,9 @@ from .exceptions import (
     LeaseExpiredWarning,
     LedgerError,
     LedgerPermissionWarning,
+    NoUsageWarning,
     QuotaGuardError,
+    UnguardedWarning,
 )
 from .guard import Budget, QuotaGuard, record_to_dict
 
@@ -56,10 +58,12 @@ __all__ = [
     "LeaseExpiredWarning",
     "LedgerError",
     "LedgerPermissionWarning",
+    "NoUsageWarning",
     "Quota",
     "QuotaGuard",
     "QuotaGuardError",
     "Reservation",
+    "UnguardedWarning",
     "UsageRecord",
     "__version__",
     "count_tokens",

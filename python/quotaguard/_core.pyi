@@ -224,6 +224,8 @@ class Reservation:
         request_id: str | None = None,
         *,
         cached_tokens: int | None = None,
+        cache_creation_tokens: int | None = None,
+        explicit_cache: bool = False,
         thinking: bool | None = None,
     ) -> UsageRecord: ...
     def settle_worst_case(self, *, in_doubt: bool = False) -> UsageRecord: ...
@@ -300,6 +302,19 @@ class QuotaGuard:
         *,
         thinking: bool = False,
     ) -> Reservation: ...
+    def _check_uncounted(self, model: str | None, reason: str, detail: str) -> None: ...
+    def _record_usage(
+        self,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        request_id: str | None = None,
+        *,
+        kind: str = "realtime",
+        cached_tokens: int | None = None,
+        thinking: bool = False,
+    ) -> UsageRecord: ...
+    def model_info(self, model: str) -> dict[str, Any]: ...
     @property
     def balance(self) -> Decimal | None: ...
     @property

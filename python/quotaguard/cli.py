@@ -432,8 +432,8 @@ def cmd_unblock(args: argparse.Namespace) -> int:
 
 
 def _tier_label(up_to: int | None, previous: int | None) -> str:
-    def k(n: int) -> str:
-        return f"{n // 1024:,}K" if n % 1024 == 0 else f"{n:,}"
+    def k(n: int) -> str:  # K = 1,000 tokens, as the pricing page says
+        return f"{n // 1000:,}K" if n % 1000 == 0 else f"{n:,}"
 
     if up_to is None:
         return "flat" if previous is None else f"> {k(previous)}"
@@ -472,37 +472,53 @@ def cmd_prices(args: argparse.Namespace) -> int:
     print(f"prices read {info['prices_read']} from {info['source']}")
     print("per million tokens; a request's input tokens choose the tier of both its prices")
     batch: set[int] = set()
+    cache: set[tuple[int, int, int]] = set()
     for site in sites:
         rows: list[tuple[str, str, str, str, str]] = []
         currencies: set[str] = set()
+        checked: list[str] = []
         for name, model in models.items():
             table = model["prices"].get(site)
             if table is None:
                 rows.append((name, "no known price", "", "", ""))
                 continue
             currencies.add(table["currency"])
-            batch.add(table["batch_percent"])
-            previous: int | None = None
-            for i, tier in enumerate(table["tiers"]):
-                thinking = tier["thinking_output"]
-                rows.append(
+            if table.get("prices_read"):
+                checked.append(f"{name} {table['prices_read']}")
+            columns = [(name, table), *((f"{name} [{r}]", t) for r, t in table["regions"].items())]
+            for label, column in columns:
+                batch.add(column["batch_percent"])
+                cache.add(
                     (
-                        name if i == 0 else "",
-                        _tier_label(tier["up_to"], previous),
-                        money(tier["input"]),
-                        money(tier["output"]),
-                        "-" if thinking is None else money(thinking),
+                        column["cache_hit_percent"],
+                        column["explicit_cache_hit_percent"],
+                        column["cache_write_percent"],
                     )
                 )
-                previous = tier["up_to"]
+                previous: int | None = None
+                for i, tier in enumerate(column["tiers"]):
+                    thinking = tier["thinking_output"]
+                    rows.append(
+                        (
+                            label if i == 0 else "",
+                            _tier_label(tier["up_to"], previous),
+                            money(tier["input"]),
+                            money(tier["output"]),
+                            "-" if thinking is None else money(thinking),
+                        )
+                    )
+                    previous = tier["up_to"]
         region = "cn-beijing" if site == "china" else "ap-southeast-1"
         print()
         print(
-            f"{site} site, {'/'.join(sorted(currencies)) or 'no prices'} (free quota in {region})"
+            f"{site} site, {'/'.join(sorted(currencies)) or 'no prices'} (free quota in {region}; "
+            "[region]: another deployment region's prices)"
         )
         head = ("model", "tier (input)", "input", "output", "thinking output")
         for line in _table(head, rows, 2):
             print(line)
+        if checked:
+            print(f"checked since: {', '.join(checked)}")
     groups: dict[tuple[int, int], list[str]] = {}
     for name, model in models.items():
         groups.setdefault((model["free_tokens"], model["valid_days"]), []).append(name)
@@ -510,8 +526,17 @@ def cmd_prices(args: argparse.Namespace) -> int:
     for (tokens, days), names in sorted(groups.items(), reverse=True):
         what = f"{tokens:,} free tokens for {days} days" if tokens else "no free quota"
         print(f"{what}: {', '.join(names)}")
+    if len(cache) == 1:
+        implicit, explicit, write = cache.pop()
+        print(
+            f"cache hits cost {implicit} % of the input price ({explicit} % for an explicit "
+            f"cache); input that creates an explicit cache, {write} %"
+        )
     if len(batch) == 1:
-        print(f"batch calls cost {batch.pop()} % of these prices, and free quota never covers them")
+        print(
+            f"batch calls cost {batch.pop()} % of these prices, with no cache discount on top, "
+            "and free quota never covers them"
+        )
     return 0
 
 

@@ -4,8 +4,9 @@ would have been charged, against a local DashScope stand-in. Nothing leaves the 
 The demo grants a small free quota in a temporary ledger (or ``--ledger``), switches
 Free Quota Only on (so the guard refuses rather than lets the platform charge), then
 makes guarded chat calls through the real ``openai`` SDK when it is installed, else
-through ``urllib``. The server's request count, before and after, shows that the
-refused call was never sent.
+through ``urllib``. One call gives up waiting before the server answers: the server
+bills it all the same, and the ledger records it in doubt, at its worst case. The
+server's request count, before and after, shows that the refused call was never sent.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ __all__ = ["run_demo"]
 API_KEY = "sk-demo"
 MAX_TOKENS = 150  # the most output a demo call allows: part of its worst case (R8)
 REPLY_TOKENS = 120  # what the server writes back
+IN_DOUBT_CALL = 3  # this call times out after it was sent
+SLOW_SERVER, SHORT_TIMEOUT = 0.4, 0.2  # seconds
 
 QUESTIONS = (
     "In one sentence, what is a free token quota?",
@@ -68,7 +71,9 @@ def _stdlib_chat(base: str) -> ChatFn:
     endpoint, return the parsed JSON (an error body too, for the guard to read)."""
     url = base.rstrip("/") + "/chat/completions"
 
-    def chat(*, model: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    def chat(
+        *, model: str, messages: list[dict[str, str]], max_tokens: int, timeout: float = 30
+    ) -> dict[str, Any]:
         body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens})
         request = urllib.request.Request(
             url,
@@ -77,7 +82,7 @@ def _stdlib_chat(base: str) -> ChatFn:
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 answer: dict[str, Any] = json.loads(response.read())
                 return answer
         except urllib.error.HTTPError as e:
@@ -178,9 +183,17 @@ def _run(
             openai.OpenAI(base_url=server.openai_base, api_key=API_KEY, max_retries=0)
         )
         chat: ChatFn = guard.wrap_openai(raw, clip=True).chat.completions.create
+        impatient = guard.wrap_openai(raw.with_options(timeout=SHORT_TIMEOUT))
+        hasty: ChatFn = impatient.chat.completions.create
+        timeouts: tuple[type[BaseException], ...] = (openai.APITimeoutError,)
         client = f"openai {openai.__version__} SDK, guard.wrap_openai(client, clip=True)"
     else:
         chat = guard.wrap(clip=True)(_stdlib_chat(server.openai_base))
+
+        def hasty(**kwargs: Any) -> Any:
+            return chat(**kwargs, timeout=SHORT_TIMEOUT)
+
+        timeouts = (TimeoutError, urllib.error.URLError)
         client = "standard library (urllib), guard.wrap(chat, clip=True)"
 
     guard.grant(model, tokens=quota)
@@ -212,7 +225,19 @@ def _run(
         messages = [{"role": "user", "content": QUESTIONS[(n - 1) % len(QUESTIONS)]}]
         before = server.request_count
         try:
-            answer = chat(model=model, messages=messages, max_tokens=MAX_TOKENS)
+            if n == IN_DOUBT_CALL:
+                server.latency = SLOW_SERVER
+                try:
+                    answer = hasty(model=model, messages=messages, max_tokens=MAX_TOKENS)
+                except timeouts:
+                    made = n
+                    server.idle()
+                    _in_doubt(say, guard, model, n)
+                    continue
+                finally:
+                    server.latency = 0.0
+            else:
+                answer = chat(model=model, messages=messages, max_tokens=MAX_TOKENS)
         except FreeTierOnly as e:
             refusal = e
             after = server.request_count
@@ -247,6 +272,11 @@ def _run(
         f"  {made} calls made; the server's own free-quota count says {left:,} left, the "
         f"ledger {guard.remaining(model):,}"
     )
+    if any(r.in_doubt for r in guard.records(model=model)):
+        say.line(
+            "  the ledger counts the in-doubt call at its worst case; once the console shows "
+            "its figure, `quotaguard sync --force` sets it"
+        )
     used = quota - guard.remaining(model)
     say.line(f"  free quota used: {used:,} of {quota:,} tokens ({used / quota:.1%})")
     say.line()
@@ -254,6 +284,15 @@ def _run(
     say.line()
     say.line(format_bill(guard.bill(), guard.account))
     return 0
+
+
+def _in_doubt(say: _Progress, guard: QuotaGuard, model: str, n: int) -> None:
+    record = guard.records(model=model)[-1]
+    q = guard.quota(model)
+    say.update(
+        f"call {n:>3}  timed out after sending: in doubt, its worst case "
+        f"({record.input_tokens + record.output_tokens}) counted  {q.console:>15} free tokens left"
+    )
 
 
 def _usage(answer: Any) -> tuple[int, int]:

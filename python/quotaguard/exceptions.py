@@ -15,7 +15,9 @@ __all__ = [
     "LeaseExpiredWarning",
     "LedgerError",
     "LedgerPermissionWarning",
+    "NoUsageWarning",
     "QuotaGuardError",
+    "UnguardedWarning",
 ]
 
 
@@ -30,7 +32,11 @@ class FreeTierOnly(QuotaGuardError):
     refused by the platform with ``AllocationQuota.FreeTierOnly``).
 
     ``reason`` is one of ``"exhausted"``, ``"expired"``, ``"no_quota"``,
-    ``"not_covered"``, ``"unverified"`` (``"overdue"`` for :class:`AccountOverdue`).
+    ``"not_covered"``, ``"unverified"``, ``"unbounded"`` (input that cannot be bounded
+    and no ``max_input_tokens=``), ``"unguarded"`` (a method quotaguard cannot guard)
+    (``"overdue"`` for :class:`AccountOverdue`). ``code`` is always the canonical one;
+    ``service_code`` is the service's own when the refusal came from the service
+    (``"Throttling.AllocationQuota"``, ``"PrepaidBillOverdue"``, ...), else ``None``.
     """
 
     code: str = "AllocationQuota.FreeTierOnly"
@@ -42,13 +48,15 @@ class FreeTierOnly(QuotaGuardError):
         remaining: int = 0,
         requested: int = 0,
         reason: str = "exhausted",
+        service_code: str | None = None,
     ) -> None:
-        super().__init__(message, model, remaining, requested, reason)
+        super().__init__(message, model, remaining, requested, reason, service_code)
         self.message = message
         self.model = model
         self.remaining = remaining
         self.requested = requested
         self.reason = reason
+        self.service_code = service_code
 
     def __str__(self) -> str:
         return self.message
@@ -66,8 +74,9 @@ class AccountOverdue(FreeTierOnly):
         remaining: int = 0,
         requested: int = 0,
         reason: str = "overdue",
+        service_code: str | None = None,
     ) -> None:
-        super().__init__(message, model, remaining, requested, reason)
+        super().__init__(message, model, remaining, requested, reason, service_code)
 
 
 class BudgetExceeded(QuotaGuardError):
@@ -106,3 +115,13 @@ class LeaseExpiredWarning(UserWarning):
 class LedgerPermissionWarning(UserWarning):
     """The ledger's directory or files are open to other users and quotaguard could not
     tighten them (it tightens what it owns to ``0600``/``0700`` by itself)."""
+
+
+class NoUsageWarning(UserWarning):
+    """A guarded function returned no usage: its calls are recorded at their worst case.
+    Warned once per function."""
+
+
+class UnguardedWarning(UserWarning):
+    """A client method quotaguard cannot guard was sent unguarded (Free Quota Only is off
+    for its model). Warned once per method."""

@@ -38,6 +38,13 @@ if hasattr(os, "register_at_fork"):
     )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Service answers that R12 turns into ledger updates: the model's free quota is gone,
+# or the account is overdue.
+DEPLETED_CODES = frozenset(
+    {"AllocationQuota.FreeTierOnly", "Throttling.AllocationQuota", "insufficient_quota"}
+)
+OVERDUE_CODES = frozenset({"Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue"})
 AlertCallback = Callable[[Alert], object]
 
 RECORD_FIELDS = (
@@ -136,11 +143,15 @@ class QuotaGuard(_core.QuotaGuard):
     def service_error(self, model: str, code: str, message: str = "") -> Exception | None:
         """Applies a service error code to the ledger and returns the exception to raise.
 
-        ``AllocationQuota.FreeTierOnly`` sets the model's remaining to 0 and returns a
-        :class:`FreeTierOnly`; ``Arrearage`` marks the account overdue and returns an
-        :class:`AccountOverdue`; any other code returns ``None``."""
+        ``AllocationQuota.FreeTierOnly`` and ``Throttling.AllocationQuota`` (compatible
+        mode: ``insufficient_quota``; a model without pay-as-you-go whose free quota is
+        gone) set the model's remaining to 0 and return a :class:`FreeTierOnly`;
+        ``Arrearage``, ``PrepaidBillOverdue`` and ``PostpaidBillOverdue`` mark the
+        account overdue and return an :class:`AccountOverdue` (R12). The exception keeps
+        its canonical ``code``; ``service_code`` is the service's. Any other code
+        returns ``None``."""
         said = f": {message}" if message else ""
-        if code == FreeTierOnly.code:
+        if code in DEPLETED_CODES:
             self._mark_depleted(model)
             return FreeTierOnly(
                 f"the service refused {model!r} with {code}{said}; its free quota is now "
@@ -149,8 +160,9 @@ class QuotaGuard(_core.QuotaGuard):
                 0,
                 0,
                 "exhausted",
+                code,
             )
-        if code == AccountOverdue.code:
+        if code in OVERDUE_CODES:
             self.mark_overdue()
             q = self.quota(model)
             return AccountOverdue(
@@ -159,6 +171,7 @@ class QuotaGuard(_core.QuotaGuard):
                 q.remaining,
                 0,
                 "overdue",
+                code,
             )
         return None
 
@@ -176,6 +189,7 @@ class QuotaGuard(_core.QuotaGuard):
         model: str | None = None,
         kind: str = "realtime",
         clip: bool = False,
+        max_input_tokens: int | None = None,
     ) -> Callable[[F], F]: ...
 
     def wrap(
@@ -186,25 +200,37 @@ class QuotaGuard(_core.QuotaGuard):
         model: str | None = None,
         kind: str = "realtime",
         clip: bool = False,
+        max_input_tokens: int | None = None,
     ) -> F | Callable[[F], F]:
         """Guards a function that calls the service: ``@guard.wrap`` or
-        ``@guard.wrap(model="qwen-max")``. Sync, async and streaming functions."""
+        ``@guard.wrap(model="qwen-max")``. Sync, async and streaming functions; see
+        :func:`quotaguard.wrap.wrap`."""
         from .wrap import wrap as _wrap
 
-        return cast("F | Callable[[F], F]", _wrap(self, fn, model=model, kind=kind, clip=clip))
+        return cast(
+            "F | Callable[[F], F]",
+            _wrap(self, fn, model=model, kind=kind, clip=clip, max_input_tokens=max_input_tokens),
+        )
 
-    def wrap_openai(self, client: Any, *, clip: bool = False) -> GuardedOpenAI:
-        """An ``openai.OpenAI`` / ``AsyncOpenAI`` client whose calls are guarded."""
+    def wrap_openai(
+        self, client: Any, *, clip: bool = False, max_input_tokens: int | None = None
+    ) -> GuardedOpenAI:
+        """An ``openai.OpenAI`` / ``AsyncOpenAI`` client whose every billable request is
+        guarded; see :func:`quotaguard.clients.wrap_openai`."""
         from .clients import wrap_openai
 
-        return wrap_openai(self, client, clip=clip)
+        return wrap_openai(self, client, clip=clip, max_input_tokens=max_input_tokens)
 
-    def wrap_dashscope(self, module: Any = None, *, clip: bool = False) -> GuardedDashScope:
-        """The ``dashscope`` module with guarded ``Generation``, ``MultiModalConversation``,
-        ``TextEmbedding`` and their ``Aio*`` variants."""
+    def wrap_dashscope(
+        self, module: Any = None, *, clip: bool = False, max_input_tokens: int | None = None
+    ) -> GuardedDashScope:
+        """The ``dashscope`` module with its billable APIs guarded (``Generation``,
+        ``MultiModalConversation``, ``TextEmbedding``, ``MultiModalEmbedding``,
+        ``TextReRank``, ``Application`` and their ``Aio*`` variants) and every other
+        API refused under Free Quota Only; see :func:`quotaguard.clients.wrap_dashscope`."""
         from .clients import wrap_dashscope
 
-        return wrap_dashscope(self, module, clip=clip)
+        return wrap_dashscope(self, module, clip=clip, max_input_tokens=max_input_tokens)
 
     # ---- budgets ------------------------------------------------------------
 

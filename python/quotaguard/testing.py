@@ -4,24 +4,30 @@
 and ``openai`` SDKs talk to unchanged: only their base URL changes. It speaks
 
 * DashScope's native API: ``POST /api/v1/services/aigc/text-generation/generation``,
-  ``.../aigc/multimodal-generation/generation`` and
-  ``.../embeddings/text-embedding/text-embedding``, plain JSON or server-sent
-  events (when the request carries ``X-DashScope-SSE: enable`` or
-  ``Accept: text/event-stream``), with ``incremental_output`` deltas or
-  cumulative text, and cumulative usage on every chunk;
-* the OpenAI-compatible API under ``/compatible-mode/v1``: ``chat/completions``
-  (JSON or SSE, with the final usage chunk when
-  ``stream_options.include_usage`` is true, and ``reasoning_content`` when
-  ``enable_thinking`` is true), ``embeddings``, and enough of ``files`` and
-  ``batches`` for ``client.batches.create(...)`` (a batch completes when it is
-  first retrieved);
+  ``.../aigc/multimodal-generation/generation``,
+  ``.../embeddings/text-embedding/text-embedding``,
+  ``.../embeddings/multimodal-embedding/multimodal-embedding``,
+  ``.../rerank/text-rerank/text-rerank`` and ``/api/v1/apps/<app_id>/completion``,
+  plain JSON or server-sent events (when the request carries
+  ``X-DashScope-SSE: enable`` or ``Accept: text/event-stream``), with
+  ``incremental_output`` deltas or cumulative text, and cumulative usage on every
+  chunk;
+* the OpenAI-compatible API under ``/compatible-mode/v1``: ``chat/completions`` and
+  ``completions`` (JSON or SSE, with the final usage chunk when
+  ``stream_options.include_usage`` is true, and ``reasoning_content`` in thinking
+  mode), ``responses`` (JSON or SSE events, ``previous_response_id`` too),
+  ``embeddings``, ``models``, and enough of ``files`` and ``batches`` for
+  ``client.batches.create(...)`` (a batch completes when it is first retrieved);
 * the platform's error bodies and status codes, before a response or inside a
   stream that already answered HTTP 200.
 
-Usage figures are real: input tokens are counted with the Qwen vocabulary
-(tiktoken over the ``qwen.tiktoken`` file that ships with ``dashscope``) plus
-the chat framing of SPEC R8, and output tokens are the tokens of the text the
-server produced.
+Usage figures are real, and billed as the service bills, not as a bound: input
+tokens are counted with the Qwen vocabulary (tiktoken over the ``qwen.tiktoken``
+file that ships with ``dashscope``) plus the chat template, and output tokens are
+the tokens of the text the server produced. A reply is billed in full once it is
+generated: a client that gives up waiting, closes a stream early or loses the
+connection is billed all the same (a stream that ends in an error frame bills
+nothing). :meth:`FakeDashScope.idle` waits until every request is answered.
 
 Example, in a user's own test::
 
@@ -62,18 +68,37 @@ role ``system``, the default system message the platform adds:
 costs 11 tokens, within the 21 that SPEC R8 allows for (Qwen2.5's
 ``"You are Qwen, created by Alibaba Cloud. You are a helpful assistant."`` is
 5 + 16 = 21; set ``default_system_prompt`` to it to bill the bound exactly).
-A native ``prompt`` is one user message. In a content list, text parts
-(``{"text": ...}`` or ``{"type": "text", "text": ...}``) count their tokens and
-every other part (an image, audio or video) counts ``server.image_tokens``
-(default 1280, Qwen-VL's largest image). Tool definitions are not counted.
-Embeddings count content tokens only, without framing.
+A native ``prompt`` is one user message. On top, as the service bills:
+
+* function tools are rendered with Qwen2.5's chat template into the system turn
+  (after its text, or after the default prompt), tool calls into the assistant
+  turn, consecutive tool results into one user turn;
+* a built-in tool (a ``type`` other than ``"function"``) or a plugin adds
+  ``server.builtin_tool_tokens`` (default 1,500), ``enable_search`` adds
+  ``server.search_tokens`` (default 2,000);
+* a ``fileid://<id>`` in a message adds every token of that uploaded file;
+* a Responses API ``previous_response_id`` bills the stored conversation again;
+* an image given as a PNG ``data:`` URL costs Qwen-VL's count from its pixels
+  (28-pixel patches, 4 to 1,280 of them, 16,384 with
+  ``vl_high_resolution_images``, plus 2); any other image, audio or video part
+  ``server.image_tokens`` (default 1,280);
+* a content part marked ``cache_control: {"type": "ephemeral"}`` creates an
+  explicit cache of the prefix up to it, hit by the same prefix within 5 minutes
+  (``cache_creation_input_tokens`` / ``cached_tokens``, ``cache_type``).
+
+Embeddings count content tokens only, without framing; multimodal embeddings add
+the image tokens; a reranker bills each (query, document) pair plus
+``server.rerank_pair_tokens``; an application bills ``server.app_model`` with
+``server.app_extra_tokens`` of retrieved input added.
 
 Output: ``min(max_tokens, server.reply_tokens)`` tokens of "Lorem ipsum ..."
 (every word is one Qwen token), or ``server.reply_text`` cut at ``max_tokens``.
-``finish_reason`` is ``"length"`` when ``max_tokens`` cut the reply. With
-``enable_thinking`` (compatible mode, or native with ``result_format`` =
-``"message"``), half of that budget is reasoning (``reasoning_content``,
-reported as ``reasoning_tokens``) and the rest is the reply.
+``finish_reason`` is ``"length"`` when ``max_tokens`` cut the reply. In thinking
+mode (``enable_thinking``, else the default of models in ``server.thinking_models``;
+natively only with ``result_format="message"``) the reply is preceded by
+``server.reasoning_tokens`` (default 40) of reasoning, capped by
+``thinking_budget`` and not by ``max_tokens`` (``reasoning_content``, reported as
+``reasoning_tokens``).
 
 Errors
 ------
@@ -87,6 +112,8 @@ native code                         status  compatible-mode code
 ==================================  ======  ==================================
 ``AllocationQuota.FreeTierOnly``    403     ``AllocationQuota.FreeTierOnly``
 ``Arrearage``                       400     ``Arrearage``
+``PrepaidBillOverdue``              400     ``PrepaidBillOverdue``
+``PostpaidBillOverdue``             400     ``PostpaidBillOverdue``
 ``InvalidApiKey``                   401     ``invalid_api_key``
 ``Throttling.RateQuota``            429     ``limit_requests``
 ``Throttling.AllocationQuota``      429     ``insufficient_quota``
@@ -105,10 +132,11 @@ lines, which the platform does not send), and in compatible mode a
 ``data: {"error": {...}}`` frame (``openai`` raises ``APIError`` with
 ``code`` set and no ``status_code``).
 
-"Model calls" are the generation, multimodal, embedding, chat-completion and
-batch-creation requests: the switches (``arrearage``, ``free_tier_only``,
-``free_quota``) and :meth:`FakeDashScope.fail_next` apply to them only; the
-API key is checked on every request.
+"Model calls" are the generation, multimodal, embedding, rerank, application,
+chat-completion, completion, response and batch-creation requests: the switches
+(``arrearage``, ``free_tier_only``, ``free_quota``), :meth:`FakeDashScope.fail_next`
+and :meth:`FakeDashScope.drop_next` (bill, then reset the connection without an
+answer) apply to them only; the API key is checked on every request.
 """
 
 from __future__ import annotations
@@ -174,6 +202,20 @@ _ERRORS: Final[dict[str, _ErrorKind]] = {
         "Arrearage",
         "Arrearage",
         f"{_ARREARAGE_MESSAGE} For details, see: {_DOCS}#overdue-payment",
+    ),
+    "PrepaidBillOverdue": _ErrorKind(
+        400,
+        "The prepaid bill is overdue.",
+        "PrepaidBillOverdue",
+        "PrepaidBillOverdue",
+        "The prepaid bill is overdue.",
+    ),
+    "PostpaidBillOverdue": _ErrorKind(
+        400,
+        "The postpaid bill is overdue.",
+        "PostpaidBillOverdue",
+        "PostpaidBillOverdue",
+        "The postpaid bill is overdue.",
     ),
     "InvalidApiKey": _ErrorKind(
         401,
@@ -295,6 +337,19 @@ _LOREM: Final = (
     "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
     "incididunt ut labore et dolore magna aliqua"
 ).split()
+
+# Qwen2.5's chat template for function calling, as the service renders it: the tool
+# definitions go into the system turn, after its text (or the default system prompt).
+_TOOLS_HEADER: Final = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_FOOTER: Final = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+)
+_FILEID: Final = re.compile(r"fileid://([\w.-]+)")
 
 _TokenCounter = Callable[[str], int]
 _counter_lock = threading.Lock()
@@ -423,6 +478,8 @@ class _Reply:
     finish_reason: str
     thinking: bool
     image_tokens: int = 0
+    cached_tokens: int = 0
+    cache_creation_tokens: int = 0
 
     def output_tokens(self, upto: int | None = None) -> int:
         return sum(p.tokens for p in self.pieces[:upto])
@@ -432,6 +489,40 @@ class _Reply:
 
     def text(self, *, reasoning: bool, upto: int | None = None) -> str:
         return "".join(p.text for p in self.pieces[:upto] if p.reasoning == reasoning)
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _cache_details(reply: _Reply) -> dict[str, Any]:
+    """Usage details of an explicit-cache request (nothing for the others)."""
+    if not (reply.cached_tokens or reply.cache_creation_tokens):
+        return {}
+    return {
+        "cached_tokens": reply.cached_tokens,
+        "cache_creation_input_tokens": reply.cache_creation_tokens,
+        "cache_type": "ephemeral",
+    }
+
+
+@dataclass(frozen=True)
+class _Input:
+    tokens: int
+    images: int
+
+
+def _png_size(source: str) -> tuple[int, int] | None:
+    """(width, height) of a PNG given as a ``data:`` URL; None otherwise."""
+    if not source.startswith("data:"):
+        return None
+    try:
+        data = base64.b64decode(source.partition(",")[2][:64])
+    except ValueError:
+        return None
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 @dataclass
@@ -537,8 +628,17 @@ class FakeDashScope:
             shut without ending the chunked body) after k chunks.
         default_system_prompt: the system message billed when a chat request
             has none.
-        image_tokens: input tokens billed for each non-text content part.
+        image_tokens: input tokens billed for each non-text content part whose
+            size is not read from its pixels.
         embedding_dimension: default length of embedding vectors.
+        search_tokens: input a web search adds (``enable_search``).
+        builtin_tool_tokens: input a built-in tool or a plugin adds.
+        reasoning_tokens: reasoning a call in thinking mode produces (capped by
+            its ``thinking_budget``).
+        thinking_models: models that think unless ``enable_thinking`` is false.
+        app_model, app_extra_tokens: the model an application calls, and the
+            input its retrieval adds.
+        rerank_pair_tokens: what a reranker adds to each (query, document) pair.
     """
 
     def __init__(
@@ -564,6 +664,17 @@ class FakeDashScope:
         self.default_system_prompt: str = "You are a helpful assistant."
         self.image_tokens: int = 1280
         self.embedding_dimension: int = 1024
+        self.search_tokens: int = 2_000
+        self.builtin_tool_tokens: int = 1_500
+        self.reasoning_tokens: int = 40
+        self.thinking_models: set[str] = {"qwen3.5-plus", "qwen3.6-plus", "qwen3-32b"}
+        self.app_model: str = "qwen-plus"
+        self.app_extra_tokens: int = 300
+        self.rerank_pair_tokens: int = 8
+        self._explicit_cache: dict[str, float] = {}
+        self._responses: dict[str, list[dict[str, Any]]] = {}
+        self._drops: list[bool] = []
+        self._active = 0
         self._host = host
         self._port = port
         self._lock = threading.Lock()
@@ -584,6 +695,7 @@ class FakeDashScope:
 
     def start(self) -> FakeDashScope:
         """Bind and serve in a background thread; returns self."""
+        _token_counter()  # load the vocabulary now, not inside the first call's answer
         with self._lock:
             if self._httpd is not None:
                 raise RuntimeError("FakeDashScope is already running")
@@ -671,10 +783,11 @@ class FakeDashScope:
 
     @property
     def usage_log(self) -> list[tuple[str, int, int]]:
-        """``(model, input_tokens, output_tokens)`` of each successful model call.
+        """``(model, input_tokens, output_tokens)`` of each call the server billed.
 
-        A stream counts once it has been sent to its end; batch results are not
-        logged (batches never draw on the free quota).
+        A stream is billed in full when it starts, however it ends (unless it ends in
+        an error frame); a call whose client gave up waiting is billed all the same.
+        Batch results are not logged (batches never draw on the free quota).
         """
         with self._lock:
             return list(self._usage)
@@ -728,6 +841,36 @@ class FakeDashScope:
         with self._lock:
             self._failures.append(_PendingFailure(refusal, times))
 
+    def idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no request is being answered (a client that gave up waiting does
+        not stop the server from answering, and billing, its request); True if so."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._active == 0:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+    def _busy(self, delta: int) -> None:
+        with self._lock:
+            self._active += delta
+
+    def drop_next(self, times: int = 1, *, billed: bool = True) -> None:
+        """Make the next ``times`` generation calls end in a dropped connection: the
+        request is read and (with ``billed``) billed as the service would, then the
+        connection is shut without an answer, as when a connection resets after the
+        request was sent. Clients see a reset with no response."""
+        if times < 1:
+            raise ValueError(f"times must be at least 1, not {times}")
+        with self._lock:
+            self._drops.extend([billed] * times)
+
+    def _take_drop(self) -> bool | None:
+        with self._lock:
+            return self._drops.pop(0) if self._drops else None
+
     def reset(self) -> None:
         """Forget requests, usage, files and batches; clear pending failures,
         ``free_tier_only``, ``arrearage``, ``close_stream_after`` and the free-quota
@@ -736,6 +879,7 @@ class FakeDashScope:
             self._requests.clear()
             self._usage.clear()
             self._failures.clear()
+            self._drops.clear()
             self._files.clear()
             self._batches.clear()
             self._free_used = 0
@@ -754,42 +898,12 @@ class FakeDashScope:
         """Content tokens of ``text``, without any framing."""
         return _token_counter()[1](text)
 
-    def count_chat_tokens(self, messages: Sequence[Mapping[str, Any]]) -> int:
-        """Input tokens the server bills for these chat messages (framing included)."""
-        return self._chat_input(messages)[0]
-
-    def _content_tokens(self, content: object) -> tuple[int, int]:
-        """(tokens, of which image tokens) of a message's content."""
-        if content is None:
-            return 0, 0
-        if isinstance(content, str):
-            return self.count_tokens(content), 0
-        if isinstance(content, Mapping):
-            content = [content]
-        if not isinstance(content, list):
-            return self.count_tokens(json.dumps(content, ensure_ascii=False)), 0
-        tokens = images = 0
-        for part in content:
-            if isinstance(part, str):
-                tokens += self.count_tokens(part)
-            elif isinstance(part, Mapping):
-                text = part.get("text")
-                if isinstance(text, str) and part.get("type", "text") == "text":
-                    tokens += self.count_tokens(text)
-                elif part.get("type") not in (None, "text") or set(part) - {"type", "text"}:
-                    images += self.image_tokens
-        return tokens + images, images
-
-    def _chat_input(self, messages: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
-        total, images, has_system = 3, 0, False
-        for message in messages:
-            tokens, image = self._content_tokens(message.get("content"))
-            total += 5 + tokens
-            images += image
-            has_system = has_system or message.get("role") == "system"
-        if not has_system:
-            total += 5 + self.count_tokens(self.default_system_prompt)
-        return total, images
+    def count_chat_tokens(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()
+    ) -> int:
+        """Input tokens the server bills for these chat messages (framing, the tools of
+        the chat template, images and referenced files included)."""
+        return self._chat_input(messages, tools).tokens
 
     # ------------------------------------------------------------------ internals for the handler
 
@@ -840,24 +954,167 @@ class FakeDashScope:
                 return _Refusal.of("AllocationQuota.FreeTierOnly")
         return None
 
+    def _image_part_tokens(self, part: Mapping[str, Any], hires: bool) -> int:
+        """An image's tokens: from its pixels when it is a PNG given inline (Qwen-VL's
+        rule: 28-pixel patches, between 4 and 1,280 of them, 16,384 in high resolution,
+        plus 2 markers), else ``image_tokens``."""
+        source: Any = part.get("image_url") or part.get("image")
+        if isinstance(source, Mapping):
+            source = source.get("url")
+        size = _png_size(source) if isinstance(source, str) else None
+        if size is None:
+            return self.image_tokens
+        width, height = size
+        patch, low = 28, 4
+        high = 16_384 if hires else 1_280
+        h = max(patch, round(height / patch) * patch)
+        w = max(patch, round(width / patch) * patch)
+        if h * w > high * patch * patch:
+            beta = math.sqrt(height * width / (high * patch * patch))
+            h = max(patch, math.floor(height / beta / patch) * patch)
+            w = max(patch, math.floor(width / beta / patch) * patch)
+        elif h * w < low * patch * patch:
+            beta = math.sqrt(low * patch * patch / (height * width))
+            h = math.ceil(height * beta / patch) * patch
+            w = math.ceil(width * beta / patch) * patch
+        return (h // patch) * (w // patch) + 2
+
+    def _content_tokens(self, content: object, hires: bool = False) -> tuple[int, int]:
+        """(tokens, of which image tokens) of a message's content."""
+        if content is None:
+            return 0, 0
+        if isinstance(content, str):
+            return self._text_tokens(content), 0
+        if isinstance(content, Mapping):
+            content = [content]
+        if not isinstance(content, list):
+            return self.count_tokens(json.dumps(content, ensure_ascii=False)), 0
+        tokens = images = 0
+        for part in content:
+            if isinstance(part, str):
+                tokens += self._text_tokens(part)
+            elif isinstance(part, Mapping):
+                text = part.get("text")
+                if isinstance(text, str) and part.get("type", "text") in ("text", "input_text"):
+                    tokens += self._text_tokens(text)
+                elif part.get("type") in ("image_url", "image", "input_image") or "image" in part:
+                    images += self._image_part_tokens(part, hires)
+                elif part.get("type") not in (None, "text") or set(part) - {"type", "text"}:
+                    images += self.image_tokens
+        return tokens + images, images
+
+    def _text_tokens(self, text: str) -> int:
+        """A text's tokens, and those of every file it references (``fileid://``): the
+        service reads the whole file into the input, on every call."""
+        tokens = self.count_tokens(text)
+        for file_id in _FILEID.findall(text):
+            with self._lock:
+                file = self._files.get(file_id)
+            if file is None:
+                raise _bad_request(f"File [id:{file_id}] not found.")
+            tokens += self.count_tokens(file.data.decode("utf-8", "replace"))
+        return tokens
+
+    def _chat_input(
+        self,
+        messages: Iterable[Mapping[str, Any]],
+        tools: Sequence[Any] = (),
+        hires: bool = False,
+    ) -> _Input:
+        """What a chat request bills as input, rendered as the chat template does: 5
+        tokens of framing per turn, 3 to open the reply, the default system prompt when
+        the request has none, the tools block in the system turn, tool calls in the
+        assistant turn, consecutive tool results in one user turn."""
+        msgs = [m for m in messages if isinstance(m, Mapping)]
+        functions = [
+            t
+            for t in tools
+            if not isinstance(t, Mapping) or t.get("type", "function") == "function"
+        ]
+        builtin = len(tools) - len(functions)
+        block = ""
+        if functions:
+            block = (
+                _TOOLS_HEADER
+                + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in functions)
+                + _TOOLS_FOOTER
+            )
+        total, images, previous_role = 3, 0, ""
+        has_system = any(m.get("role") == "system" for m in msgs)
+        if not has_system:
+            total += 5 + self.count_tokens(self.default_system_prompt + block)
+        for message in msgs:
+            role = message.get("role")
+            tokens, image = self._content_tokens(message.get("content"), hires)
+            images += image
+            if role == "system" and block:
+                tokens += self.count_tokens(block)
+                block = ""
+            for call in message.get("tool_calls") or ():
+                fn = call.get("function", call) if isinstance(call, Mapping) else {}
+                arguments = fn.get("arguments", {})
+                if not isinstance(arguments, str):
+                    arguments = json.dumps(arguments, ensure_ascii=False)
+                name = json.dumps(fn.get("name", ""), ensure_ascii=False)
+                tokens += self.count_tokens(
+                    f'\n<tool_call>\n{{"name": {name}, "arguments": {arguments}}}\n</tool_call>'
+                )
+            if role == "tool":
+                tokens += self.count_tokens("\n<tool_response>\n\n</tool_response>")
+                total += tokens + (0 if previous_role == "tool" else 5)
+            else:
+                total += 5 + tokens
+            previous_role = str(role)
+        return _Input(total + builtin * self.builtin_tool_tokens, images)
+
+    def _cache(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+        """Explicit cache: (tokens created, tokens hit) for the prefix up to the last
+        content part marked ``cache_control: {"type": "ephemeral"}``; a prefix lives 5
+        minutes from its last hit."""
+        end = None
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            parts = content if isinstance(content, list) else []
+            if any(isinstance(p, Mapping) and p.get("cache_control") for p in parts):
+                end = i
+        if end is None:
+            return 0, 0
+        prefix = list(messages[: end + 1])
+        tokens = self._chat_input(prefix).tokens - 3
+        key = json.dumps(prefix, sort_keys=True, ensure_ascii=False)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._explicit_cache.get(key, 0.0) > now
+            self._explicit_cache[key] = now + 300
+        return (0, tokens) if hit else (tokens, 0)
+
     def _reply(
         self,
         model: str,
         messages: Sequence[Mapping[str, Any]],
         max_tokens: int | None,
         thinking: bool,
+        *,
+        tools: Sequence[Any] = (),
+        extra_input: int = 0,
+        thinking_budget: int | None = None,
+        hires: bool = False,
     ) -> _Reply:
-        input_tokens, image_tokens = self._chat_input(messages)
+        billed = self._chat_input(messages, tools, hires)
+        created, hit = self._cache(messages)
         reply_tokens, reply_text = max(0, self.reply_tokens), self.reply_text
         limit = max_tokens if max_tokens is not None and max_tokens >= 0 else None
         budget = reply_tokens if limit is None else min(limit, reply_tokens)
         pieces: list[_Piece] = []
-        if thinking:
-            pieces.extend(self._lorem(budget // 2, reasoning=True))
-        used = sum(p.tokens for p in pieces)
+        if thinking:  # reasoning is not limited by max_tokens, only by thinking_budget
+            reasoning = max(0, self.reasoning_tokens)
+            if thinking_budget is not None and thinking_budget >= 0:
+                reasoning = min(reasoning, thinking_budget)
+            pieces.extend(self._lorem(reasoning, reasoning=True))
+        used = 0
         cut = False
         if reply_text is None:
-            pieces.extend(self._lorem(budget - used, reasoning=False))
+            pieces.extend(self._lorem(budget, reasoning=False))
             cut = limit is not None and reply_tokens > limit
         else:
             for text in _pieces(reply_text):
@@ -869,12 +1126,29 @@ class FakeDashScope:
                 used += tokens
         return _Reply(
             model=model,
-            input_tokens=input_tokens,
+            input_tokens=billed.tokens + extra_input,
             pieces=pieces,
             finish_reason="length" if cut else "stop",
             thinking=thinking,
-            image_tokens=image_tokens,
+            image_tokens=billed.images,
+            cached_tokens=hit,
+            cache_creation_tokens=created,
         )
+
+    def _thinks(self, model: str, asked: object) -> bool:
+        """Thinking mode: as the request says, else the model's default."""
+        if isinstance(asked, bool):
+            return asked
+        return model in self.thinking_models
+
+    def _extra_input(self, options: Mapping[str, Any]) -> int:
+        """Input the service adds to a request: web search results, plugin output."""
+        extra = 0
+        if options.get("enable_search") is True:
+            extra += self.search_tokens
+        if options.get("plugins"):
+            extra += self.builtin_tool_tokens
+        return extra
 
     def _lorem(self, budget: int, *, reasoning: bool) -> Iterator[_Piece]:
         used, i = 0, 0
@@ -913,7 +1187,7 @@ class FakeDashScope:
             messages.append({"role": "user", "content": prompt})
         if not messages:
             raise _bad_request("Input should have messages or prompt.")
-        thinking = params.get("enable_thinking") is True
+        thinking = self._thinks(model, params.get("enable_thinking"))
         result_format = params.get("result_format")
         if multimodal:
             result_format = "message"
@@ -921,7 +1195,17 @@ class FakeDashScope:
             result_format = "message" if thinking else "text"
         thinking = thinking and result_format == "message"
         incremental = params.get("incremental_output") is True
-        reply = self._reply(model, messages, _as_int(params.get("max_tokens")), thinking)
+        tools = _list(params.get("tools"))
+        reply = self._reply(
+            model,
+            messages,
+            _as_int(params.get("max_tokens")),
+            thinking,
+            tools=tools,
+            extra_input=self._extra_input(params),
+            thinking_budget=_as_int(params.get("thinking_budget")),
+            hires=params.get("vl_high_resolution_images") is True,
+        )
 
         def usage(upto: int | None = None) -> dict[str, Any]:
             output = reply.output_tokens(upto)
@@ -934,6 +1218,9 @@ class FakeDashScope:
                 fields["output_tokens_details"] = {"reasoning_tokens": reply.reasoning_tokens(upto)}
             if multimodal and reply.image_tokens:
                 fields["image_tokens"] = reply.image_tokens
+            details = _cache_details(reply)
+            if details:
+                fields["prompt_tokens_details"] = details
             return fields
 
         def output(content: str, reasoning: str, finish: str) -> dict[str, Any]:
@@ -1018,8 +1305,18 @@ class FakeDashScope:
         max_tokens = _as_int(body.get("max_tokens"))
         if max_tokens is None:
             max_tokens = _as_int(body.get("max_completion_tokens"))
-        thinking = body.get("enable_thinking") is True
-        reply = self._reply(model, messages, max_tokens, thinking)
+        thinking = self._thinks(model, body.get("enable_thinking"))
+        tools = _list(body.get("tools"))
+        reply = self._reply(
+            model,
+            messages,
+            max_tokens,
+            thinking,
+            tools=tools,
+            extra_input=self._extra_input(body),
+            thinking_budget=_as_int(body.get("thinking_budget")),
+            hires=body.get("vl_high_resolution_images") is True,
+        )
         completion_id = f"chatcmpl-{uuid.uuid4()}"
         created = int(time.time())
 
@@ -1029,7 +1326,7 @@ class FakeDashScope:
                 "prompt_tokens": reply.input_tokens,
                 "completion_tokens": output,
                 "total_tokens": reply.input_tokens + output,
-                "prompt_tokens_details": {"cached_tokens": 0},
+                "prompt_tokens_details": {"cached_tokens": 0, **_cache_details(reply)},
             }
             if reply.thinking:
                 fields["completion_tokens_details"] = {"reasoning_tokens": reply.reasoning_tokens()}
@@ -1111,6 +1408,257 @@ class FakeDashScope:
             "id": str(uuid.uuid4()),
         }
         return payload, model, tokens
+
+    def _compat_completion(
+        self, body: Mapping[str, Any], streamed: bool
+    ) -> tuple[dict[str, Any] | _Stream, _Reply]:
+        """The legacy completions API: the prompt billed as it is, without a template."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _bad_request("you must provide a model parameter")
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise _bad_request("prompt must be a string or a list of strings")
+        reply = self._reply(model, [], _as_int(body.get("max_tokens")), False)
+        reply.input_tokens = sum(self._text_tokens(p) for p in prompts)
+        count = len(prompts) * max(1, _as_int(body.get("n")) or 1)
+        completion_id = f"cmpl-{uuid.uuid4()}"
+        output = reply.output_tokens() * count
+        reply.pieces = reply.pieces * count  # every prompt and choice is billed
+        usage = {
+            "prompt_tokens": reply.input_tokens,
+            "completion_tokens": output,
+            "total_tokens": reply.input_tokens + output,
+        }
+
+        def envelope(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+            return {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": choices,
+                **extra,
+            }
+
+        text = "".join(p.text for p in reply.pieces[: len(reply.pieces) // count])
+        choices = [
+            {"text": text, "index": i, "logprobs": None, "finish_reason": reply.finish_reason}
+            for i in range(count)
+        ]
+        if not streamed:
+            return envelope(choices, usage=usage), reply
+        frames = [_compat_frame(envelope([c])) for c in choices]
+        options = body.get("stream_options")
+        if isinstance(options, Mapping) and options.get("include_usage") is True:
+            frames.append(_compat_frame(envelope([], usage=usage)))
+        frames.append(b"data: [DONE]\n\n")
+        return _Stream(frames), reply
+
+    def _compat_response(
+        self, body: Mapping[str, Any], streamed: bool
+    ) -> tuple[dict[str, Any] | _Stream, _Reply]:
+        """The Responses API. A ``previous_response_id`` bills the stored conversation
+        again, as input the caller cannot see."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _bad_request("you must provide a model parameter")
+        raw = body.get("input")
+        messages: list[dict[str, Any]] = []
+        previous = body.get("previous_response_id")
+        if isinstance(previous, str):
+            with self._lock:
+                stored = self._responses.get(previous)
+            if stored is None:
+                raise _not_found(f"Response {previous} not found.")
+            messages.extend(stored)
+        instructions = body.get("instructions")
+        if isinstance(instructions, str):
+            messages.insert(0, {"role": "system", "content": instructions})
+        if isinstance(raw, str):
+            messages.append({"role": "user", "content": raw})
+        elif isinstance(raw, list):
+            for item in raw:
+                if not isinstance(item, Mapping):
+                    continue
+                kind = item.get("type")
+                if kind in (None, "message"):
+                    messages.append(
+                        {"role": item.get("role", "user"), "content": item.get("content")}
+                    )
+                elif kind == "function_call_output":
+                    messages.append({"role": "tool", "content": str(item.get("output"))})
+                else:
+                    messages.append({"role": "user", "content": json.dumps(item)})
+        if not messages:
+            raise _bad_request("input is required")
+        tools = _list(body.get("tools"))
+        reasoning = body.get("reasoning")
+        asked = body.get("enable_thinking")
+        if asked is None and isinstance(reasoning, Mapping) and reasoning.get("effort"):
+            asked = reasoning.get("effort") != "none"
+        reply = self._reply(
+            model,
+            messages,
+            _as_int(body.get("max_output_tokens")),
+            self._thinks(model, asked),
+            tools=tools,
+            extra_input=self._extra_input(body),
+            thinking_budget=_as_int(body.get("thinking_budget")),
+        )
+        response_id = f"resp_{uuid.uuid4().hex}"
+        answer = reply.text(reasoning=False)
+        with self._lock:
+            self._responses[response_id] = [*messages, {"role": "assistant", "content": answer}]
+        output = reply.output_tokens()
+        message = {
+            "type": "message",
+            "id": f"msg_{uuid.uuid4().hex}",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": answer, "annotations": []}],
+        }
+
+        def response(status: str, out: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+            return {
+                "id": response_id,
+                "object": "response",
+                "created_at": time.time(),
+                "status": status,
+                "model": model,
+                "output": out,
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
+                **extra,
+            }
+
+        usage = {
+            "input_tokens": reply.input_tokens,
+            "output_tokens": output,
+            "total_tokens": reply.input_tokens + output,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": reply.reasoning_tokens()},
+        }
+        done = response("completed", [message], usage=usage)
+        if not streamed:
+            return done, reply
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": response("in_progress", [])}
+        ]
+        for piece in reply.pieces:
+            if not piece.reasoning:
+                events.append(
+                    {
+                        "type": "response.output_text.delta",
+                        "item_id": message["id"],
+                        "output_index": 0,
+                        "content_index": 0,
+                        "delta": piece.text,
+                        "logprobs": [],
+                    }
+                )
+        events.append({"type": "response.completed", "response": done})
+        frames = [
+            f"event: {e['type']}\n".encode() + _compat_frame({**e, "sequence_number": i})
+            for i, e in enumerate(events)
+        ]
+        return _Stream(frames), reply
+
+    def _native_rerank(self, body: Mapping[str, Any]) -> tuple[dict[str, Any], str, int]:
+        """Reranking: every (query, document) pair is billed, with its template."""
+        model = body.get("model")
+        input_ = body.get("input")
+        if not isinstance(model, str) or not model or not isinstance(input_, Mapping):
+            raise _bad_request("model and input are required.")
+        query, documents = input_.get("query"), input_.get("documents")
+        if not isinstance(query, str) or not isinstance(documents, list):
+            raise _bad_request("input.query and input.documents are required.")
+        texts = [d if isinstance(d, str) else json.dumps(d) for d in documents]
+        q = self._text_tokens(query)
+        tokens = sum(q + self.count_tokens(d) + self.rerank_pair_tokens for d in texts)
+        results = [
+            {"index": i, "relevance_score": round(1 / (i + 1), 4), "document": {"text": d}}
+            for i, d in enumerate(texts)
+        ]
+        payload = {
+            "output": {"results": results},
+            "usage": {"total_tokens": tokens},
+            "request_id": str(uuid.uuid4()),
+        }
+        return payload, model, tokens
+
+    def _native_multimodal_embedding(
+        self, body: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], str, int]:
+        """Multimodal embeddings: text tokens plus image tokens, both as input."""
+        model = body.get("model")
+        input_ = body.get("input")
+        contents = input_.get("contents") if isinstance(input_, Mapping) else None
+        if not isinstance(model, str) or not model or not isinstance(contents, list):
+            raise _bad_request("model and input.contents are required.")
+        tokens, images = self._content_tokens([c for c in contents if isinstance(c, Mapping)])
+        count = sum(1 for c in contents if isinstance(c, Mapping) and "image" in c)
+        payload = {
+            "output": {
+                "embeddings": [
+                    {"index": i, "embedding": _embedding(json.dumps(c), 8), "type": "vl"}
+                    for i, c in enumerate(contents)
+                ]
+            },
+            "usage": {"input_tokens": tokens, "image_tokens": images, "image_count": count},
+            "request_id": str(uuid.uuid4()),
+        }
+        return payload, model, tokens
+
+    def _native_application(
+        self, app_id: str, body: Mapping[str, Any], streamed: bool
+    ) -> tuple[dict[str, Any] | _Stream, _Reply]:
+        """An application: its model (``app_model``) reads what its retrieval adds
+        (``app_extra_tokens``), which the caller cannot see."""
+        input_ = body.get("input")
+        params = body.get("parameters") or {}
+        if not isinstance(input_, Mapping):
+            raise _bad_request("input must be an object.")
+        messages = [m for m in input_.get("messages") or [] if isinstance(m, Mapping)]
+        if isinstance(input_.get("prompt"), str):
+            messages.append({"role": "user", "content": input_["prompt"]})
+        if not messages:
+            raise _bad_request("prompt or messages is required!")
+        reply = self._reply(
+            self.app_model,
+            messages,
+            _as_int(params.get("max_tokens")),
+            False,
+            extra_input=self.app_extra_tokens,
+        )
+        request_id = str(uuid.uuid4())
+
+        def payload(upto: int | None, finish: str) -> dict[str, Any]:
+            usage = {
+                "model_id": self.app_model,
+                "input_tokens": reply.input_tokens,
+                "output_tokens": reply.output_tokens(upto),
+            }
+            return {
+                "output": {
+                    "text": reply.text(reasoning=False, upto=upto),
+                    "finish_reason": finish,
+                    "session_id": app_id,
+                },
+                "usage": {"models": [usage]},
+                "request_id": request_id,
+            }
+
+        if not streamed:
+            return payload(None, reply.finish_reason), reply
+        count = max(1, len(reply.pieces))
+        frames = [
+            _native_frame(i + 1, "result", 200, payload(i + 1, "null" if i + 1 < count else "stop"))
+            for i in range(count)
+        ]
+        return _Stream(frames), reply
 
     def _upload_file(self, content_type: str, raw: bytes) -> dict[str, Any]:
         if "multipart/form-data" not in content_type:
@@ -1260,6 +1808,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False  # FakeDashScope.stop() joins the handler threads itself
     allow_reuse_address = True
+    # Many clients connect at once: a short accept queue drops connections the clients
+    # already sent a request on, which reads as a reset after sending (in doubt).
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -1278,6 +1829,11 @@ class _Server(ThreadingHTTPServer):
 _NATIVE_GENERATION: Final = "/api/v1/services/aigc/text-generation/generation"
 _NATIVE_MULTIMODAL: Final = "/api/v1/services/aigc/multimodal-generation/generation"
 _NATIVE_EMBEDDING: Final = "/api/v1/services/embeddings/text-embedding/text-embedding"
+_NATIVE_RERANK: Final = "/api/v1/services/rerank/text-rerank/text-rerank"
+_NATIVE_MM_EMBEDDING: Final = (
+    "/api/v1/services/embeddings/multimodal-embedding/multimodal-embedding"
+)
+_NATIVE_APP: Final = re.compile(r"^/api/v1/apps/([^/]+)/completion$")
 _COMPAT: Final = "/compatible-mode/v1"
 
 
@@ -1332,10 +1888,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _serve(self, method: str) -> None:
+        self.fake._busy(1)
         try:
             self._serve_unsafe(method)
         except (ConnectionError, TimeoutError, OSError):
             self.close_connection = True
+        finally:
+            self.fake._busy(-1)
 
     def _serve_unsafe(self, method: str) -> None:
         fake = self.fake
@@ -1402,6 +1961,33 @@ class _Handler(BaseHTTPRequestHandler):
             payload, model, tokens = fake._compat_embedding(body)
             fake._record_usage(model, tokens, 0)
             self._send_json(200, payload, payload["id"])
+        elif method == "POST" and path == _COMPAT + "/completions":
+            in_stream = self._gate(streamed)
+            answer, reply = fake._compat_completion(body, streamed)
+            self._answer(answer, reply, compat=True, in_stream=in_stream)
+        elif method == "POST" and path == _COMPAT + "/responses":
+            in_stream = self._gate(streamed)
+            answer, reply = fake._compat_response(body, streamed)
+            self._answer(answer, reply, compat=True, in_stream=in_stream)
+        elif method == "POST" and path in (_NATIVE_RERANK, _NATIVE_MM_EMBEDDING):
+            self._gate(False)
+            if path == _NATIVE_RERANK:
+                payload, model, tokens = fake._native_rerank(body)
+            else:
+                payload, model, tokens = fake._native_multimodal_embedding(body)
+            fake._record_usage(model, tokens, 0)
+            self._send_json(200, payload, payload["request_id"])
+        elif method == "POST" and _NATIVE_APP.match(path):
+            in_stream = self._gate(streamed)
+            app = _NATIVE_APP.match(path)
+            answer, reply = fake._native_application(app.group(1) if app else "", body, streamed)
+            self._answer(answer, reply, compat=False, in_stream=in_stream)
+        elif method == "GET" and path == _COMPAT + "/models":
+            models = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "system"}
+                for m in ("qwen-plus", "qwen-max", "qwen-turbo")
+            ]
+            self._send_json(200, {"object": "list", "data": models}, str(uuid.uuid4()))
         elif compat and path.startswith(_COMPAT + "/files"):
             self._files(method, path[len(_COMPAT + "/files") :], raw)
         elif compat and path.startswith(_COMPAT + "/batches"):
@@ -1515,6 +2101,12 @@ class _Handler(BaseHTTPRequestHandler):
         def complete() -> None:
             fake._record_usage(reply.model, reply.input_tokens, reply.output_tokens())
 
+        drop = fake._take_drop()
+        if drop is not None:
+            if drop:
+                complete()
+            self._drop()
+            return
         if isinstance(answer, dict):
             request_id = str(answer.get("request_id") or answer.get("id"))
             complete()  # before the client can see the answer, so tests never race the log
@@ -1545,6 +2137,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("x-request-id", str(uuid.uuid4()))
         self.end_headers()
+        # The service generates the whole reply and bills it, whether the client reads
+        # it to its end, closes it early or loses the connection; a stream that ends
+        # in an error frame bills nothing.
+        if stream.error_frame is None and stream.on_complete is not None:
+            stream.on_complete()
         frames = stream.frames
         for i in range(len(frames) + 1):
             if stream.error_frame is not None and (
@@ -1558,9 +2155,6 @@ class _Handler(BaseHTTPRequestHandler):
             if i == stream.close_after or (i > 0 and fake._wait(fake.chunk_delay)):
                 self._drop()
                 return
-            last = i == len(frames) - 1
-            if last and stream.error_frame is None and stream.on_complete is not None:
-                stream.on_complete()  # before the client can see the end of the stream
             self._write_chunk(frames[i])
         self.wfile.write(b"0\r\n\r\n")
 

@@ -84,6 +84,54 @@ pub fn check_region(region: &str) -> Result<()> {
     }
 }
 
+/// Whether a model reasons before it answers (R8: reasoning is output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Thinking {
+    /// The model has no thinking mode.
+    #[default]
+    None,
+    /// Thinking mode is off unless the call turns it on (`enable_thinking`).
+    Optional,
+    /// Thinking mode is on unless the call turns it off.
+    Default,
+    /// The model always reasons.
+    Always,
+}
+
+impl Thinking {
+    pub fn parse(text: &str) -> Result<Self> {
+        match text {
+            "none" => Ok(Self::None),
+            "optional" => Ok(Self::Optional),
+            "default" => Ok(Self::Default),
+            "always" => Ok(Self::Always),
+            other => Err(invalid(format!(
+                "thinking {other:?} is not \"none\", \"optional\", \"default\" or \"always\""
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Optional => "optional",
+            Self::Default => "default",
+            Self::Always => "always",
+        }
+    }
+}
+
+/// A model's prices on one site: those of the site's own deployment region, and of
+/// the other regions the site lists, in the site's currency.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SitePrices {
+    pub home: PriceTable,
+    pub regions: BTreeMap<String, PriceTable>,
+    /// The day these prices were last checked against the pricing page, when it
+    /// differs from the catalogue's.
+    pub prices_read: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     pub name: String,
@@ -93,12 +141,25 @@ pub struct ModelInfo {
     pub max_input_tokens: Option<u64>,
     pub max_output_tokens: u64,
     pub default_max_output_tokens: u64,
-    pub prices: BTreeMap<&'static str, PriceTable>,
+    /// Whether the model reasons, and by default.
+    pub thinking: Thinking,
+    /// The longest chain of thought the model produces (its default thinking budget).
+    pub max_reasoning_tokens: u64,
+    /// The most input tokens one image can bill on this model.
+    pub max_image_tokens: u64,
+    pub prices: BTreeMap<&'static str, SitePrices>,
 }
 
 impl ModelInfo {
-    pub fn prices(&self, site: Site) -> Option<&PriceTable> {
-        self.prices.get(site.name())
+    /// The prices an account of `site` pays for a call deployed in `region` (R13):
+    /// the site's own region, else a region the site lists; `None` when unknown.
+    pub fn prices(&self, site: Site, region: &str) -> Option<&PriceTable> {
+        let p = self.prices.get(site.name())?;
+        if region == site.free_region() {
+            Some(&p.home)
+        } else {
+            p.regions.get(region)
+        }
     }
 }
 
@@ -117,7 +178,11 @@ pub struct Defaults {
     pub valid_days: u32,
     pub max_output_tokens: u64,
     pub default_max_output_tokens: u64,
+    pub max_reasoning_tokens: u64,
+    pub max_image_tokens: u64,
     pub cache_hit_percent: u32,
+    pub explicit_cache_hit_percent: u32,
+    pub cache_write_percent: u32,
     pub batch_percent: u32,
 }
 
@@ -146,6 +211,9 @@ struct RawModel {
     max_input_tokens: Option<u64>,
     max_output_tokens: Option<u64>,
     default_max_output_tokens: Option<u64>,
+    thinking: Option<String>,
+    max_reasoning_tokens: Option<u64>,
+    max_image_tokens: Option<u64>,
     #[serde(default)]
     prices: BTreeMap<String, RawPrices>,
 }
@@ -154,8 +222,32 @@ struct RawModel {
 #[serde(deny_unknown_fields)]
 struct RawPrices {
     currency: String,
+    prices_read: Option<String>,
     tiers: Vec<RawTier>,
     cache_hit_percent: Option<u32>,
+    explicit_cache_hit_percent: Option<u32>,
+    cache_write_percent: Option<u32>,
+    batch_percent: Option<u32>,
+    #[serde(default)]
+    regions: BTreeMap<String, RawRegionPrices>,
+}
+
+/// Another deployment region's column on the same site (same currency).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegionPrices {
+    tiers: Vec<RawTier>,
+    cache_hit_percent: Option<u32>,
+    explicit_cache_hit_percent: Option<u32>,
+    cache_write_percent: Option<u32>,
+    batch_percent: Option<u32>,
+}
+
+/// The percentages a price table states (the rest are inherited or defaults).
+struct RawPercents {
+    cache_hit_percent: Option<u32>,
+    explicit_cache_hit_percent: Option<u32>,
+    cache_write_percent: Option<u32>,
     batch_percent: Option<u32>,
 }
 
@@ -228,7 +320,11 @@ struct PartialDefaults {
     valid_days: Option<u32>,
     max_output_tokens: Option<u64>,
     default_max_output_tokens: Option<u64>,
+    max_reasoning_tokens: Option<u64>,
+    max_image_tokens: Option<u64>,
     cache_hit_percent: Option<u32>,
+    explicit_cache_hit_percent: Option<u32>,
+    cache_write_percent: Option<u32>,
     batch_percent: Option<u32>,
 }
 
@@ -241,6 +337,9 @@ struct PartialModel {
     max_input_tokens: Option<u64>,
     max_output_tokens: Option<u64>,
     default_max_output_tokens: Option<u64>,
+    thinking: Option<String>,
+    max_reasoning_tokens: Option<u64>,
+    max_image_tokens: Option<u64>,
     #[serde(default)]
     prices: BTreeMap<String, PartialPrices>,
 }
@@ -250,9 +349,75 @@ struct PartialModel {
 #[allow(dead_code)]
 struct PartialPrices {
     currency: Option<String>,
+    prices_read: Option<String>,
     tiers: Option<Vec<RawTier>>,
     cache_hit_percent: Option<u32>,
+    explicit_cache_hit_percent: Option<u32>,
+    cache_write_percent: Option<u32>,
     batch_percent: Option<u32>,
+    #[serde(default)]
+    regions: BTreeMap<String, PartialRegionPrices>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct PartialRegionPrices {
+    tiers: Option<Vec<RawTier>>,
+    cache_hit_percent: Option<u32>,
+    explicit_cache_hit_percent: Option<u32>,
+    cache_write_percent: Option<u32>,
+    batch_percent: Option<u32>,
+}
+
+/// One price table from its tiers and percentages; a percentage not given comes from
+/// `inherit` (the site's own table, for another region), else the defaults.
+fn price_table(
+    model: &str,
+    currency: Currency,
+    raw_tiers: Vec<RawTier>,
+    p: &RawPercents,
+    inherit: Option<&PriceTable>,
+    d: &Defaults,
+) -> Result<PriceTable> {
+    let mut tiers = Vec::with_capacity(raw_tiers.len());
+    for t in raw_tiers {
+        tiers.push(Tier {
+            up_to: t.up_to,
+            input: per_token(&t.input, "input price")?,
+            output: per_token(&t.output, "output price")?,
+            thinking_output: t
+                .thinking_output
+                .as_deref()
+                .map(|s| per_token(s, "thinking output price"))
+                .transpose()?,
+        });
+    }
+    let pick = |own: Option<u32>, from: fn(&PriceTable) -> u32, default: u32| {
+        own.or(inherit.map(from)).unwrap_or(default)
+    };
+    let table = PriceTable {
+        currency,
+        tiers,
+        cache_hit_percent: pick(
+            p.cache_hit_percent,
+            |t| t.cache_hit_percent,
+            d.cache_hit_percent,
+        ),
+        explicit_cache_hit_percent: pick(
+            p.explicit_cache_hit_percent,
+            |t| t.explicit_cache_hit_percent,
+            d.explicit_cache_hit_percent,
+        ),
+        cache_write_percent: pick(
+            p.cache_write_percent,
+            |t| t.cache_write_percent,
+            d.cache_write_percent,
+        ),
+        batch_percent: pick(p.batch_percent, |t| t.batch_percent, d.batch_percent),
+    };
+    table.validate(model)?;
+    Ok(table)
 }
 
 impl Catalog {
@@ -318,30 +483,48 @@ impl Catalog {
                         site.currency()
                     )));
                 }
-                let mut tiers = Vec::with_capacity(p.tiers.len());
-                for t in p.tiers {
-                    let price =
-                        |s: &str, what: &str| per_token(s, what).map_err(|e| here(e.to_string()));
-                    tiers.push(Tier {
-                        up_to: t.up_to,
-                        input: price(&t.input, "input price")?,
-                        output: price(&t.output, "output price")?,
-                        thinking_output: t
-                            .thinking_output
-                            .as_deref()
-                            .map(|s| price(s, "thinking output price"))
-                            .transpose()?,
-                    });
-                }
-                let table = PriceTable {
-                    currency,
-                    tiers,
-                    cache_hit_percent: p.cache_hit_percent.unwrap_or(d.cache_hit_percent),
-                    batch_percent: p.batch_percent.unwrap_or(d.batch_percent),
+                let percents = RawPercents {
+                    cache_hit_percent: p.cache_hit_percent,
+                    explicit_cache_hit_percent: p.explicit_cache_hit_percent,
+                    cache_write_percent: p.cache_write_percent,
+                    batch_percent: p.batch_percent,
                 };
-                table.validate(&name).map_err(|e| here(e.to_string()))?;
-                prices.insert(site.name(), table);
+                let home = price_table(&name, currency, p.tiers, &percents, None, &d)
+                    .map_err(|e| here(e.to_string()))?;
+                let mut regions = BTreeMap::new();
+                for (region, r) in p.regions {
+                    check_region(&region).map_err(|e| here(e.to_string()))?;
+                    if region == site.free_region() {
+                        return Err(here(format!(
+                            "{site_name} prices: region {region:?} is the site's own: write its tiers \
+                             beside the currency"
+                        )));
+                    }
+                    // A region's percentages default to the site's own.
+                    let percents = RawPercents {
+                        cache_hit_percent: r.cache_hit_percent,
+                        explicit_cache_hit_percent: r.explicit_cache_hit_percent,
+                        cache_write_percent: r.cache_write_percent,
+                        batch_percent: r.batch_percent,
+                    };
+                    let table = price_table(&name, currency, r.tiers, &percents, Some(&home), &d)
+                        .map_err(|e| here(e.to_string()))?;
+                    regions.insert(region, table);
+                }
+                let prices_read = p.prices_read;
+                prices.insert(
+                    site.name(),
+                    SitePrices {
+                        home,
+                        regions,
+                        prices_read,
+                    },
+                );
             }
+            let thinking = match m.thinking.as_deref() {
+                Some(t) => Thinking::parse(t).map_err(|e| here(e.to_string()))?,
+                None => Thinking::None,
+            };
             let valid_days = m.valid_days.unwrap_or(d.valid_days);
             if !(30..=90).contains(&valid_days) {
                 return Err(here(format!("valid_days {valid_days} is outside 30..90")));
@@ -354,6 +537,9 @@ impl Catalog {
                 max_input_tokens: m.max_input_tokens,
                 max_output_tokens: max_out,
                 default_max_output_tokens: m.default_max_output_tokens.unwrap_or(max_out),
+                thinking,
+                max_reasoning_tokens: m.max_reasoning_tokens.unwrap_or(d.max_reasoning_tokens),
+                max_image_tokens: m.max_image_tokens.unwrap_or(d.max_image_tokens),
                 prices,
             };
             models.insert(name, info);
@@ -397,12 +583,15 @@ mod tests {
         ] {
             let info = c.model(m).unwrap_or_else(|| panic!("{m} missing"));
             assert_eq!(info.free_tokens, 1_000_000);
-            assert_eq!(info.prices(Site::China).unwrap().currency, Currency::Cny);
+            assert_eq!(
+                info.prices(Site::China, "cn-beijing").unwrap().currency,
+                Currency::Cny
+            );
         }
         assert_eq!(
             c.model("qwen-max")
                 .unwrap()
-                .prices(Site::International)
+                .prices(Site::International, "ap-southeast-1")
                 .unwrap()
                 .currency,
             Currency::Usd
@@ -410,8 +599,74 @@ mod tests {
         assert!(c
             .model("qwen-long")
             .unwrap()
-            .prices(Site::International)
+            .prices(Site::International, "ap-southeast-1")
             .is_none());
+    }
+
+    #[test]
+    fn tiers_count_k_as_a_thousand() {
+        let c = Catalog::bundled();
+        let plus = c
+            .model("qwen-plus")
+            .unwrap()
+            .prices(Site::China, "cn-beijing")
+            .unwrap();
+        let bounds: Vec<_> = plus.tiers.iter().map(|t| t.up_to).collect();
+        assert_eq!(bounds, [Some(128_000), Some(256_000), None]);
+        // 130,000 input tokens is past 128K: the second tier (2.4 / 20).
+        assert_eq!(plus.tier(130_000).input, per_token("2.4", "p").unwrap());
+        assert_eq!(plus.tier(130_000).output, per_token("20", "p").unwrap());
+        for (name, m) in &c.models {
+            for site in m.prices.values() {
+                for t in site.home.tiers.iter().filter_map(|t| t.up_to) {
+                    assert_eq!(t % 1000, 0, "{name}: tier bound {t} is not in K = 1,000");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn thinking_marks_and_new_models() {
+        let c = Catalog::bundled();
+        for m in ["qwen3.5-plus", "qwen3.6-plus", "qwen3-32b"] {
+            assert_eq!(c.model(m).unwrap().thinking, Thinking::Default, "{m}");
+        }
+        assert_eq!(c.model("qwen-plus").unwrap().thinking, Thinking::Optional);
+        assert_eq!(c.model("qwen-max").unwrap().thinking, Thinking::None);
+        assert_eq!(c.model("qwen-plus").unwrap().max_reasoning_tokens, 81_920);
+        // Unchecked prices are left out, not guessed.
+        assert!(c.model("qwen3.5-plus").unwrap().prices.is_empty());
+        let bad = "[models.m]\nthinking = \"sometimes\"\n";
+        let e = Catalog::from_sources(&[("b", BUNDLED), ("u", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"sometimes\""), "{e}");
+    }
+
+    #[test]
+    fn prices_per_deployment_region() {
+        let over = "[models.qwen-plus.prices.china.regions.ap-southeast-1]\n\
+                    tiers = [{ input = \"2.9\", output = \"8.7\" }]\n";
+        let c = Catalog::from_sources(&[("b", BUNDLED), ("user.toml", over)]).unwrap();
+        let m = c.model("qwen-plus").unwrap();
+        let home = m.prices(Site::China, "cn-beijing").unwrap();
+        let sg = m.prices(Site::China, "ap-southeast-1").unwrap();
+        assert_eq!(sg.currency, Currency::Cny);
+        assert_eq!(sg.tiers[0].input, per_token("2.9", "p").unwrap());
+        assert_ne!(home.tiers[0].input, sg.tiers[0].input);
+        assert_eq!(sg.cache_hit_percent, home.cache_hit_percent, "inherited");
+        // A column the catalogue does not have is unknown, never another region's.
+        assert!(m.prices(Site::China, "us-east-1").is_none());
+        assert!(Catalog::bundled()
+            .model("qwen-plus")
+            .unwrap()
+            .prices(Site::China, "ap-southeast-1")
+            .is_none());
+        let bad = "[models.qwen-plus.prices.china.regions.mars-1]\ntiers = [{ input = \"1\", output = \"1\" }]\n";
+        let e = Catalog::from_sources(&[("b", BUNDLED), ("u", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"mars-1\""), "{e}");
     }
 
     #[test]
@@ -420,7 +675,7 @@ mod tests {
         let c = Catalog::from_sources(&[("b", BUNDLED), ("user.toml", over)]).unwrap();
         let m = c.model("qwen-max").unwrap();
         assert_eq!(m.free_tokens, 100_000);
-        assert!(m.prices(Site::China).is_some(), "prices kept");
+        assert!(m.prices(Site::China, "cn-beijing").is_some(), "prices kept");
     }
 
     #[test]

@@ -16,6 +16,11 @@ pub enum RefusalReason {
     Unverified,
     /// The account has an overdue balance (R7).
     Overdue,
+    /// The call's input cannot be bounded before it is sent (web search, built-in
+    /// tools, `fileid://` references) and no bound was stated (R8).
+    Unbounded,
+    /// The client method cannot be guarded: the wrapper does not know what it bills.
+    Unguarded,
 }
 
 impl RefusalReason {
@@ -27,6 +32,8 @@ impl RefusalReason {
             Self::NotCovered => "not_covered",
             Self::Unverified => "unverified",
             Self::Overdue => "overdue",
+            Self::Unbounded => "unbounded",
+            Self::Unguarded => "unguarded",
         }
     }
 }
@@ -42,8 +49,13 @@ pub struct Refusal {
     pub requested: u64,
     /// The model's free quota total (0 when none).
     pub total: u64,
-    /// Why the free quota did not cover it, when `reason` is `Unverified`.
+    /// Why the free quota did not cover it, when `reason` is `Unverified`; for
+    /// `Unbounded` and `Unguarded`, `Some(Unverified)` when the account's state (not the
+    /// Free Quota Only switch) refused it.
     pub cause: Option<RefusalReason>,
+    /// What made an `Unbounded` call unbounded (`"enable_search"`), or the method an
+    /// `Unguarded` refusal names (`"POST /audio/speech"`).
+    pub detail: Option<String>,
 }
 
 impl fmt::Display for Refusal {
@@ -68,6 +80,32 @@ impl fmt::Display for Refusal {
                 "call to {m:?} is not covered by free quota (batch and custom calls are always charged) \
                  and Free Quota Only is on"
             ),
+            RefusalReason::Unbounded | RefusalReason::Unguarded => {
+                let why = if self.cause == Some(RefusalReason::Unverified) {
+                    "the account is not identity-verified"
+                } else {
+                    "Free Quota Only is on"
+                };
+                let detail = self.detail.as_deref().unwrap_or("?");
+                if self.reason == RefusalReason::Unbounded {
+                    write!(
+                        f,
+                        "call to {m:?} has input that cannot be bounded before it is sent ({detail}) \
+                         and {why}: state a bound with max_input_tokens="
+                    )
+                } else {
+                    let model = if m.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" for {m:?}")
+                    };
+                    write!(
+                        f,
+                        "{detail}{model} cannot be guarded (what it bills is unknown) and {why}: \
+                         it was not sent"
+                    )
+                }
+            }
             RefusalReason::Unverified => {
                 let why = match self.cause {
                     Some(RefusalReason::Expired) => "has expired",
@@ -152,6 +190,7 @@ mod tests {
             requested: 1200,
             total: 1_000_000,
             cause: None,
+            detail: None,
         };
         assert_eq!(
             r.to_string(),

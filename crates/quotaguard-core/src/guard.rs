@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use crate::catalog::{check_region, Catalog, Site};
 use crate::clock::{check_time, cst_day, parse_day, parse_month, DAY_MS};
 use crate::config::{check_name, SpendRule};
-use crate::error::{invalid, thousands, QuotaError, Result};
+use crate::error::{invalid, thousands, QuotaError, RefusalReason, Result};
 use crate::ledger::{
     fresh_id, marks_reached, AccountOp, AccountRow, Alert, AlertMark, Commit, GrantArgs, Hold,
     HoldRequest, HourRow, Ledger, Now, Reconcile, RecordQuery, Release, ReservationRow, Settled,
@@ -199,6 +199,23 @@ pub struct Bill {
     pub charged_models: Vec<String>,
 }
 
+/// What the service reported for one call (R9, R11).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Input tokens that hit a cache.
+    pub cached_tokens: u64,
+    /// Input tokens that created an explicit cache.
+    pub cache_write_tokens: u64,
+    /// The cache hits were explicit-cache hits.
+    pub explicit_cache: bool,
+    /// The output was produced in thinking mode (priced as reasoning).
+    pub thinking: bool,
+    /// The real usage never arrived: this is the call's worst case (R9).
+    pub in_doubt: bool,
+}
+
 /// Which models a Free Quota Only change names (R5).
 pub enum FreeOnlyTarget {
     Models(Vec<String>),
@@ -249,10 +266,11 @@ impl Guard {
         &self.config.account
     }
 
+    /// R13: the prices of `model` for this guard's site, in the region it calls.
     fn prices(&self, model: &str) -> Option<&PriceTable> {
         self.catalog
             .model(model)
-            .and_then(|m| m.prices(self.config.site))
+            .and_then(|m| m.prices(self.config.site, &self.config.region))
     }
 
     pub fn currency(&self) -> Currency {
@@ -807,14 +825,22 @@ impl Guard {
     pub(crate) fn finish(&self, r: &TakeRequest, t: &Taken) -> Result<Commit> {
         let split = rules::split(r.input_tokens, r.output_tokens, t.free);
         let prices = self.prices(&r.model);
+        // Free quota covers the cheapest input first (cache hits, then plain input, then
+        // cache writes): what is left to bill is the dearest, so the bill never
+        // under-states.
+        let written = r.cache_write_tokens.min(r.input_tokens);
+        let hits = r.cached_tokens.min(r.input_tokens - written);
+        let mut free_in = r.input_tokens - split.billable_input;
+        let free_hits = hits.min(free_in);
+        free_in -= free_hits;
+        free_in -= free_in.min(r.input_tokens - written - hits);
         let billable = Billable {
             request_input: r.input_tokens,
             input: split.billable_input,
             output: split.billable_output,
-            // Free quota covers cached input first: the bill never under-states.
-            cached_input: r
-                .cached_tokens
-                .saturating_sub(r.input_tokens - split.billable_input),
+            cached_input: hits - free_hits,
+            cache_write_input: written - free_in.min(written),
+            explicit_cache: r.explicit_cache,
             thinking: r.thinking,
             batch: r.kind == Kind::Batch,
         };
@@ -852,32 +878,73 @@ impl Guard {
     }
 
     /// R9/R11: records what the service reported for a reservation.
-    #[allow(clippy::too_many_arguments)]
     pub fn settle(
         &self,
         row: &ReservationRow,
         hold: &BudgetHold,
-        input_tokens: u64,
-        output_tokens: u64,
-        cached_tokens: u64,
-        thinking: bool,
-        in_doubt: bool,
+        usage: &Usage,
         request_id: Option<&str>,
         now: Now,
     ) -> Result<Settled> {
-        if cached_tokens > input_tokens {
+        let mut out = self.take(&row.model, row.kind, Some(row), usage, request_id, now)?;
+        self.end_hold(
+            hold,
+            Some((
+                usage.input_tokens + usage.output_tokens,
+                out.record.cost.unwrap_or(0),
+            )),
+        );
+        self.spend_alerts(&mut out, now)?;
+        Ok(out)
+    }
+
+    /// R9/R11: records usage that had no reservation: a call the wrapper could not
+    /// hold beforehand (an application's models, a batch's other models). Others'
+    /// holds stay untouched, so the free part is never over-stated.
+    pub fn record_usage(
+        &self,
+        model: &str,
+        kind: Kind,
+        usage: &Usage,
+        request_id: Option<&str>,
+        now: Now,
+    ) -> Result<Settled> {
+        Self::check_model(model)?;
+        let mut out = self.take(model, kind, None, usage, request_id, now)?;
+        self.spend_alerts(&mut out, now)?;
+        Ok(out)
+    }
+
+    fn take(
+        &self,
+        model: &str,
+        kind: Kind,
+        row: Option<&ReservationRow>,
+        usage: &Usage,
+        request_id: Option<&str>,
+        now: Now,
+    ) -> Result<Settled> {
+        let Usage {
+            input_tokens,
+            output_tokens,
+            cached_tokens,
+            cache_write_tokens,
+            ..
+        } = *usage;
+        if cached_tokens + cache_write_tokens > input_tokens {
             return Err(invalid(format!(
-                "cached_tokens {cached_tokens} is more than input_tokens {input_tokens}"
+                "cached_tokens {cached_tokens} and cache_creation_tokens {cache_write_tokens} are \
+                 more than input_tokens {input_tokens}"
             )));
         }
         let policy = self.config.policy();
         let req = TakeRequest {
             account: self.config.account.clone(),
-            model: row.model.clone(),
-            kind: row.kind,
-            reservation: Some(row.id),
-            held_free: row.free_part,
-            held_worst: row.worst,
+            model: model.to_string(),
+            kind,
+            reservation: row.map(|r| r.id),
+            held_free: row.map_or(0, |r| r.free_part),
+            held_worst: row.map_or(0, |r| r.worst),
             record_id: fresh_id(),
             user: self.config.user.clone(),
             workspace: self.config.workspace.clone(),
@@ -885,23 +952,24 @@ impl Guard {
             input_tokens,
             output_tokens,
             cached_tokens,
-            thinking,
-            in_doubt,
+            cache_write_tokens,
+            explicit_cache: usage.explicit_cache,
+            thinking: usage.thinking,
+            in_doubt: usage.in_doubt,
             free_region: policy.region_has_free,
-            covered: row.kind.covered(),
+            covered: kind.covered(),
             now,
         };
-        let mut out = self.ledger.settle(&req, &|r, t| self.finish(r, t))?;
-        self.end_hold(
-            hold,
-            Some((input_tokens + output_tokens, out.record.cost.unwrap_or(0))),
-        );
-        // R10: the high-spending rules, on the first settle of a new CST day.
+        self.ledger.settle(&req, &|r, t| self.finish(r, t))
+    }
+
+    /// R10: the high-spending rules, on the first settle of a new CST day.
+    fn spend_alerts(&self, out: &mut Settled, now: Now) -> Result<()> {
         let day = (out.record.time_ms + crate::clock::CST_OFFSET_MS).div_euclid(DAY_MS);
         if self.spend_day.swap(day, Ordering::Relaxed) != day {
             out.alerts.extend(self.check_spend(now)?);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Settles at the worst case as it was held (thinking or not): for calls whose
@@ -913,18 +981,58 @@ impl Guard {
         in_doubt: bool,
         now: Now,
     ) -> Result<Settled> {
-        let output = row.worst - row.input_tokens;
-        self.settle(
-            row,
-            hold,
-            row.input_tokens,
-            output,
-            0,
-            row.thinking,
+        let usage = Usage {
+            input_tokens: row.input_tokens,
+            output_tokens: row.worst - row.input_tokens,
+            thinking: row.thinking,
             in_doubt,
-            None,
-            now,
-        )
+            ..Default::default()
+        };
+        self.settle(row, hold, &usage, None, now)
+    }
+
+    /// R6-R8 for a call whose cost is not known before it is sent: input that cannot be
+    /// bounded, or a method that cannot be guarded. `model`: the model the call names,
+    /// if any (else every model of the account counts). Refused wherever a chargeable
+    /// call would be; `Ok` lets it go ahead.
+    pub fn check_uncounted(
+        &self,
+        model: Option<&str>,
+        reason: RefusalReason,
+        detail: &str,
+        now: Now,
+    ) -> Result<()> {
+        if let Some(m) = model {
+            Self::check_model(m)?;
+        }
+        let overdue = self.ledger.account(self.account())?.overdue;
+        let rows: Vec<QuotaRow> = match model {
+            Some(m) => self
+                .ledger
+                .quota(self.account(), m, now)?
+                .map(|(q, _)| q)
+                .into_iter()
+                .collect(),
+            None => self
+                .ledger
+                .quotas(self.account(), now)?
+                .into_iter()
+                .map(|(_, q, _)| q)
+                .collect(),
+        };
+        let refs: Vec<&QuotaRow> = rows.iter().collect();
+        match rules::refuse_uncounted(
+            model.unwrap_or(""),
+            &refs,
+            overdue,
+            self.config.policy(),
+            reason,
+            detail,
+            now.ms(),
+        ) {
+            Some(r) => Err(QuotaError::Refused(r)),
+            None => Ok(()),
+        }
     }
 
     pub fn release(

@@ -92,13 +92,17 @@ pub struct Tier {
     pub thinking_output: Option<i64>,
 }
 
-/// A model's prices on one site.
+/// A model's prices in one deployment region, as one site states them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PriceTable {
     pub currency: Currency,
     pub tiers: Vec<Tier>,
-    /// Percentage of the input price charged for cached input tokens.
+    /// Percentage of the input price charged for input that hit the implicit cache.
     pub cache_hit_percent: u32,
+    /// Percentage of the input price charged for input that hit an explicit cache.
+    pub explicit_cache_hit_percent: u32,
+    /// Percentage of the input price charged for input that created an explicit cache.
+    pub cache_write_percent: u32,
     /// Percentage of the real-time price charged for batch calls.
     pub batch_percent: u32,
 }
@@ -112,6 +116,10 @@ pub struct Billable {
     pub output: u64,
     /// Billable input tokens that were cache hits.
     pub cached_input: u64,
+    /// Billable input tokens that created an explicit cache.
+    pub cache_write_input: u64,
+    /// The cache hits were explicit-cache hits.
+    pub explicit_cache: bool,
     pub thinking: bool,
     pub batch: bool,
 }
@@ -141,7 +149,7 @@ fn percent_of(price: i64, percent: u32, what: &str) -> Result<i64> {
             to_decimal(price * 1_000_000)
         )));
     }
-    Ok((p / 100) as i64)
+    i64::try_from(p / 100).map_err(|_| invalid(format!("{what}: a price is too large")))
 }
 
 impl PriceTable {
@@ -153,10 +161,25 @@ impl PriceTable {
             .unwrap_or_else(|| self.tiers.last().expect("a price table has a tier"))
     }
 
-    /// Checks that every derived price (cache hits, batch) is exact.
+    /// Checks the tiers, and that every derived price (cache hits and writes, batch) is
+    /// exact.
     pub fn validate(&self, what: &str) -> Result<()> {
         if self.tiers.is_empty() {
             return Err(invalid(format!("{what}: no price tiers")));
+        }
+        if self.cache_hit_percent > 100
+            || self.explicit_cache_hit_percent > 100
+            || self.batch_percent > 100
+        {
+            return Err(invalid(format!(
+                "{what}: a cache hit or batch percentage above 100"
+            )));
+        }
+        if self.cache_write_percent > 1000 {
+            return Err(invalid(format!(
+                "{what}: cache_write_percent {} is above 1000",
+                self.cache_write_percent
+            )));
         }
         let mut last = 0u64;
         for (i, t) in self.tiers.iter().enumerate() {
@@ -174,22 +197,23 @@ impl PriceTable {
                 }
                 None => {}
             }
+            percent_of(t.input, self.cache_hit_percent, what)?;
+            percent_of(t.input, self.explicit_cache_hit_percent, what)?;
+            percent_of(t.input, self.cache_write_percent, what)?;
             for price in [Some(t.input), Some(t.output), t.thinking_output]
                 .into_iter()
                 .flatten()
             {
-                let cached = percent_of(price, self.cache_hit_percent, what)?;
                 percent_of(price, self.batch_percent, what)?;
-                percent_of(cached, self.batch_percent, what)?;
             }
-        }
-        if self.cache_hit_percent > 100 || self.batch_percent > 100 {
-            return Err(invalid(format!("{what}: a percentage above 100")));
         }
         Ok(())
     }
 
     /// The exact cost of a call's billable tokens, in pico-units.
+    ///
+    /// A batch call pays `batch_percent` of the real-time price for all of its tokens
+    /// and no cache discount: the two do not stack (the platform's billing rules).
     pub fn cost(&self, b: &Billable) -> Result<i64> {
         let tier = self.tier(b.request_input);
         let out_price = if b.thinking {
@@ -197,16 +221,26 @@ impl PriceTable {
         } else {
             tier.output
         };
-        let cached = b.cached_input.min(b.input);
-        let cached_price = percent_of(tier.input, self.cache_hit_percent, "cache price")?;
-        let mut total: i128 = (b.input - cached) as i128 * tier.input as i128
-            + cached as i128 * cached_price as i128
-            + b.output as i128 * out_price as i128;
-        if b.batch {
-            // validate() guarantees every per-token price is exact at this percentage,
-            // so the sum is exact too.
-            total = total * self.batch_percent as i128 / 100;
-        }
+        let total: i128 = if b.batch {
+            // validate() guarantees every per-token price is exact at this percentage.
+            (b.input as i128 * percent_of(tier.input, self.batch_percent, "batch price")? as i128)
+                + b.output as i128
+                    * percent_of(out_price, self.batch_percent, "batch price")? as i128
+        } else {
+            let written = b.cache_write_input.min(b.input);
+            let cached = b.cached_input.min(b.input - written);
+            let hit = if b.explicit_cache {
+                self.explicit_cache_hit_percent
+            } else {
+                self.cache_hit_percent
+            };
+            let hit_price = percent_of(tier.input, hit, "cache price")?;
+            let write_price = percent_of(tier.input, self.cache_write_percent, "cache price")?;
+            (b.input - written - cached) as i128 * tier.input as i128
+                + cached as i128 * hit_price as i128
+                + written as i128 * write_price as i128
+                + b.output as i128 * out_price as i128
+        };
         i64::try_from(total).map_err(|_| {
             QuotaError::Invalid(format!(
                 "cost of {} input and {} output tokens is too large to record",
@@ -225,13 +259,13 @@ mod tests {
             currency: Currency::Cny,
             tiers: vec![
                 Tier {
-                    up_to: Some(131_072),
+                    up_to: Some(128_000),
                     input: per_token("0.8", "p").unwrap(),
                     output: per_token("2", "p").unwrap(),
                     thinking_output: Some(per_token("8", "p").unwrap()),
                 },
                 Tier {
-                    up_to: Some(262_144),
+                    up_to: Some(256_000),
                     input: per_token("2.4", "p").unwrap(),
                     output: per_token("20", "p").unwrap(),
                     thinking_output: Some(per_token("24", "p").unwrap()),
@@ -244,6 +278,8 @@ mod tests {
                 },
             ],
             cache_hit_percent: 20,
+            explicit_cache_hit_percent: 10,
+            cache_write_percent: 125,
             batch_percent: 50,
         }
     }
@@ -276,17 +312,28 @@ mod tests {
     }
 
     #[test]
-    fn tier_boundary_is_inclusive() {
+    fn tier_boundary_is_inclusive_and_k_is_a_thousand() {
         let t = plus();
         let at = Billable {
-            request_input: 131_072,
+            request_input: 128_000,
             input: 1_000_000,
             ..Default::default()
         };
         let over = Billable {
-            request_input: 131_073,
+            request_input: 128_001,
             ..at
         };
+        // 130,000 input tokens is past 128K: the second tier (2.4 / 20), not the first.
+        let issue = Billable {
+            request_input: 130_000,
+            input: 130_000,
+            output: 1_000,
+            ..Default::default()
+        };
+        assert_eq!(
+            to_decimal(t.cost(&issue).unwrap()).to_string(),
+            "0.332" // 130,000 x 2.4 + 1,000 x 20 per million
+        );
         assert_eq!(to_decimal(t.cost(&at).unwrap()).to_string(), "0.8");
         assert_eq!(to_decimal(t.cost(&over).unwrap()).to_string(), "2.4");
         let huge = Billable {
@@ -328,6 +375,43 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(to_decimal(t.cost(&one).unwrap()).to_string(), "0.0000008");
+    }
+
+    #[test]
+    fn explicit_cache_writes_and_hits() {
+        let t = plus();
+        // 100k plain, 400k written to an explicit cache (125 %), 500k explicit hits (10 %).
+        let b = Billable {
+            request_input: 10,
+            input: 1_000_000,
+            cache_write_input: 400_000,
+            cached_input: 500_000,
+            explicit_cache: true,
+            ..Default::default()
+        };
+        // 0.08 + 0.4 + 0.04
+        assert_eq!(to_decimal(t.cost(&b).unwrap()).to_string(), "0.52");
+        // The same hits from the implicit cache cost 20 %.
+        let implicit = Billable {
+            explicit_cache: false,
+            ..b
+        };
+        assert_eq!(to_decimal(t.cost(&implicit).unwrap()).to_string(), "0.56");
+    }
+
+    #[test]
+    fn batch_and_cache_discounts_do_not_stack() {
+        let t = plus();
+        let b = Billable {
+            request_input: 10,
+            input: 1_000_000,
+            cached_input: 1_000_000,
+            output: 1_000_000,
+            batch: true,
+            ..Default::default()
+        };
+        // 50 % of 0.8 + 50 % of 2: the cache hits get no further discount.
+        assert_eq!(to_decimal(t.cost(&b).unwrap()).to_string(), "1.4");
     }
 
     #[test]

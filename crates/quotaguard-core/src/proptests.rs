@@ -200,7 +200,8 @@ proptest! {
             account: "a".into(), model: "m".into(), kind: Kind::Realtime, reservation: None,
             held_free: 0, held_worst: worst, record_id: 1, user: "u".into(), workspace: None,
             request_id: None, input_tokens: worst / 2, output_tokens: worst - worst / 2,
-            cached_tokens: 0, thinking: false, in_doubt: false, free_region: true, covered,
+            cached_tokens: 0, cache_write_tokens: 0, explicit_cache: false, thinking: false,
+            in_doubt: false, free_region: true, covered,
             now: Now::Caller(at),
         };
         for overrun in [false, true] {

@@ -104,6 +104,7 @@ pub fn admit(
             requested: worst,
             total: quota.map_or(0, |q| q.total),
             cause,
+            detail: None,
         })
     };
     if overdue {
@@ -127,6 +128,43 @@ pub fn admit(
     Admission::Admit {
         free_part: if kind.covered() { avail } else { 0 },
     }
+}
+
+/// R6, R7, R8 for a call whose cost is not known before it is sent: input that cannot
+/// be bounded (`Unbounded`), or a method the wrapper cannot guard (`Unguarded`). Such a
+/// call may be charged, so it is refused wherever a chargeable call would be: the
+/// account is overdue, not verified, or any of `quotas` (the models the call may use;
+/// every model of the account when the call names none) has Free Quota Only on.
+/// `None`: it may go ahead.
+pub fn refuse_uncounted(
+    model: &str,
+    quotas: &[&QuotaRow],
+    overdue: bool,
+    policy: Policy,
+    reason: RefusalReason,
+    detail: &str,
+    now_ms: i64,
+) -> Option<Refusal> {
+    let first = quotas.first().copied();
+    let refusal = |reason, cause| Refusal {
+        model: model.to_string(),
+        reason,
+        remaining: remaining(first, 0, policy, now_ms),
+        requested: 0,
+        total: first.map_or(0, |q| q.total),
+        cause,
+        detail: Some(detail.to_string()),
+    };
+    if overdue {
+        return Some(refusal(RefusalReason::Overdue, None));
+    }
+    if !policy.verified {
+        return Some(refusal(reason, Some(RefusalReason::Unverified)));
+    }
+    quotas
+        .iter()
+        .any(|q| q.free_only)
+        .then(|| refusal(reason, None))
 }
 
 /// How a settled call's tokens divide between free quota and the bill (R6: input first).

@@ -277,6 +277,12 @@ pub struct TakeRequest {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cached_tokens: u64,
+    /// Input tokens that created an explicit cache (priced at its write rate).
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    /// The cache hits were explicit-cache hits (priced at its hit rate).
+    #[serde(default)]
+    pub explicit_cache: bool,
     pub thinking: bool,
     pub in_doubt: bool,
     pub free_region: bool,

@@ -9,7 +9,7 @@ use super::*;
 use crate::catalog::{Catalog, Site};
 use crate::config::{LedgerUrl, SpendRule};
 use crate::error::RefusalReason;
-use crate::guard::{BudgetHold, Config, FreeOnlyTarget, Guard};
+use crate::guard::{BudgetHold, Config, FreeOnlyTarget, Guard, Usage};
 use crate::ledger::sqlite::{Durability, Sqlite};
 use crate::quota::CUTOVER_MS;
 
@@ -120,18 +120,12 @@ fn reserve(g: &Guard, worst: u64, now: i64) -> Result<Held> {
 }
 
 fn settle(g: &Guard, h: &Held, input: u64, output: u64, now: i64) -> Settled {
-    g.settle(
-        &h.0,
-        &h.1,
-        input,
-        output,
-        0,
-        false,
-        false,
-        Some("req"),
-        at(now),
-    )
-    .unwrap()
+    let usage = Usage {
+        input_tokens: input,
+        output_tokens: output,
+        ..Default::default()
+    };
+    g.settle(&h.0, &h.1, &usage, Some("req"), at(now)).unwrap()
 }
 
 fn refusal(r: Result<Held>) -> crate::error::Refusal {
@@ -650,6 +644,8 @@ fn redis_a_settle_cut_between_its_steps_is_recovered_once() {
             input_tokens: 30,
             output_tokens: 20,
             cached_tokens: 0,
+            cache_write_tokens: 0,
+            explicit_cache: false,
             thinking: false,
             in_doubt: false,
             free_region: true,
@@ -1086,5 +1082,98 @@ fn a_check_reads_one_consistent_state_while_others_write() {
             w.join().unwrap();
         }
         assert!(problems(&g, T0).is_empty(), "{}", e.name);
+    }
+}
+
+#[test]
+fn usage_without_a_reservation_is_recorded_beside_the_holds() {
+    for e in engines() {
+        let g = e.granted(1_000);
+        let held = reserve(&g, 500, T0).unwrap();
+        let usage = Usage {
+            input_tokens: 600,
+            output_tokens: 40,
+            ..Default::default()
+        };
+        let out = g
+            .record_usage(MODEL, Kind::Realtime, &usage, Some("app"), at(T0))
+            .unwrap()
+            .record;
+        // Free tokens up to what the others' holds leave; the rest is billed.
+        assert_eq!(
+            (
+                out.free_tokens,
+                out.billable_input_tokens,
+                out.billable_output_tokens
+            ),
+            (500, 100, 40),
+            "{}",
+            e.name
+        );
+        assert_eq!(g.remaining(MODEL, at(T0)).unwrap(), 0, "{}", e.name);
+        settle(&g, &held, 10, 10, T0);
+        assert_eq!(g.remaining(MODEL, at(T0)).unwrap(), 480, "{}", e.name);
+    }
+}
+
+#[test]
+fn uncounted_calls_are_refused_where_chargeable_calls_are() {
+    for e in engines() {
+        let g = e.granted(1_000);
+        let unbounded = RefusalReason::Unbounded;
+        g.check_uncounted(Some(MODEL), unbounded, "enable_search", at(T0))
+            .unwrap();
+        g.check_uncounted(None, RefusalReason::Unguarded, "POST /x", at(T0))
+            .unwrap();
+        g.set_free_only(FreeOnlyTarget::Models(vec![MODEL.into()]), true, at(T0))
+            .unwrap();
+        let r = refused(g.check_uncounted(Some(MODEL), unbounded, "enable_search", at(T0)));
+        assert_eq!((r.reason, r.remaining), (unbounded, 1_000), "{}", e.name);
+        assert!(r.to_string().contains("enable_search"), "{r}");
+        assert!(r.to_string().contains("max_input_tokens="), "{r}");
+        // A call naming no model is refused while any model has the switch on.
+        let r = refused(g.check_uncounted(None, RefusalReason::Unguarded, "POST /x", at(T0)));
+        assert_eq!(r.reason, RefusalReason::Unguarded, "{}", e.name);
+        assert!(r.to_string().contains("POST /x"), "{r}");
+        // Another model, without the switch, goes ahead.
+        g.check_uncounted(Some("qwen-plus"), unbounded, "fileid://", at(T0))
+            .unwrap();
+        g.update_account(AccountOp::MarkOverdue).unwrap();
+        let r = refused(g.check_uncounted(Some("qwen-plus"), unbounded, "fileid://", at(T0)));
+        assert_eq!(r.reason, RefusalReason::Overdue, "{}", e.name);
+    }
+}
+
+fn refused(r: Result<()>) -> crate::error::Refusal {
+    match r {
+        Err(QuotaError::Refused(r)) => r,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn cache_writes_and_hits_are_priced_and_free_quota_covers_the_cheapest_first() {
+    for e in engines() {
+        // qwen-max: 2.4 per million input, flat.
+        for (free, cost) in [
+            // 100 plain at 2.4, 400 written at 125 %, 500 explicit hits at 10 %.
+            (0, 100 * 2_400_000 + 400 * 3_000_000 + 500 * 240_000),
+            // 600 free tokens cover the 500 hits, then 100 plain: the writes are billed.
+            (600, 400 * 3_000_000),
+        ] {
+            let g = e.granted(free);
+            let h = g
+                .reserve(MODEL, 1_000, 0, Kind::Realtime, false, at(T0))
+                .unwrap();
+            let usage = Usage {
+                input_tokens: 1_000,
+                cached_tokens: 500,
+                cache_write_tokens: 400,
+                explicit_cache: true,
+                ..Default::default()
+            };
+            let out = g.settle(&h.0, &h.1, &usage, None, at(T0)).unwrap().record;
+            assert_eq!(out.cost, Some(cost), "{} with {free} free", e.name);
+        }
     }
 }
