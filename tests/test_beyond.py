@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Clock
@@ -274,3 +275,90 @@ def test_the_notebook_view_shows_the_forecast_and_a_block(guard: qg.QuotaGuard) 
     page = guard._repr_html_()
     assert "blocked</b>: &lt;script&gt;" in page
     assert "BLOCKED" in guard.status()
+
+
+# --------------------------------------------------------------------- R16 fallback
+
+FALLBACK = ["qwen-plus", "qwen-turbo", "qwen-flash"]
+ASK = [{"role": "user", "content": "Name three Qwen models."}]
+
+
+def granted(guard: qg.QuotaGuard, **quotas: int) -> None:
+    for model, tokens in quotas.items():
+        guard.grant(model.replace("_", "-"), tokens=tokens)
+        guard.set_free_only(model.replace("_", "-"))
+
+
+def test_fallback_through_the_openai_sdk(server: Any, tmp_path: Path) -> None:
+    import openai
+
+    guard = qg.QuotaGuard(tmp_path / "l.db")
+    granted(guard, qwen_max=100, qwen_plus=50, qwen_turbo=100_000)
+    raw = openai.OpenAI(base_url=server.openai_base, api_key="sk-test", max_retries=0)
+    client = guard.wrap_openai(raw, fallback=FALLBACK)
+    reply = client.chat.completions.create(model="qwen-max", messages=ASK, max_tokens=200)
+    # qwen-max (100 left) and qwen-plus (50) cannot hold the call: qwen-turbo serves it.
+    assert reply.model == "qwen-turbo"
+    assert server.requests[-1].body["model"] == "qwen-turbo"
+    assert server.requests[-1].body["max_tokens"] == 200  # nothing else changed
+    [rec] = guard.records()
+    assert (rec.model, rec.cost_type) == ("qwen-turbo", "free_quota")
+    assert guard.quota("qwen-max").used == 0 and guard.quota("qwen-plus").reserved == 0
+    # A call its own model covers stays on it.
+    small = client.chat.completions.create(model="qwen-max", messages=ASK, max_tokens=10)
+    assert small.model == "qwen-max"
+    # None covers it: refused before sending, as without fallback.
+    sent = len(server.requests)
+    with pytest.raises(qg.FreeTierOnly) as e:
+        client.chat.completions.create(model="qwen-max", messages=ASK, max_tokens=200_000)
+    assert e.value.model == "qwen-max" and len(server.requests) == sent
+
+
+def test_fallback_never_moves_a_call_from_free_to_paid(server: Any, tmp_path: Path) -> None:
+    import openai
+
+    guard = qg.QuotaGuard(tmp_path / "l.db")
+    guard.grant("qwen-max", tokens=100)  # Free Quota Only off: it may be charged
+    guard.grant("qwen-plus", tokens=50)
+    raw = openai.OpenAI(base_url=server.openai_base, api_key="sk-test", max_retries=0)
+    client = guard.wrap_openai(raw, fallback=["qwen-plus"])
+    reply = client.chat.completions.create(model="qwen-max", messages=ASK, max_tokens=200)
+    # No listed model covers it free: it goes to its own model, partly paid, as asked.
+    assert reply.model == "qwen-max"
+    [rec] = guard.records()
+    assert rec.model == "qwen-max"
+    assert guard.quota("qwen-plus").used == 0 and guard.quota("qwen-plus").reserved == 0
+
+
+def test_fallback_through_dashscope_and_the_decorator(server: Any, tmp_path: Path) -> None:
+    import dashscope
+
+    guard = qg.QuotaGuard(tmp_path / "l.db")
+    granted(guard, qwen_max=10, qwen_plus=100_000)
+    ds = guard.wrap_dashscope(dashscope, fallback=["qwen-plus"])
+    rsp = ds.Generation.call(
+        model="qwen-max", messages=ASK, result_format="message", max_tokens=100, api_key="sk-test"
+    )
+    assert rsp.status_code == 200
+    assert server.requests[-1].body["model"] == "qwen-plus"
+    assert guard.records()[-1].model == "qwen-plus"
+
+    seen: list[str] = []
+
+    @guard.wrap(fallback=["qwen-plus"])
+    def ask(model: str, messages: list[dict[str, str]], max_tokens: int = 100) -> dict[str, Any]:
+        seen.append(model)
+        return {"model": model, "usage": {"input_tokens": 20, "output_tokens": 30}}
+
+    assert ask("qwen-max", ASK)["model"] == "qwen-plus"
+    assert seen == ["qwen-plus"] and guard.records()[-1].model == "qwen-plus"
+
+    @guard.wrap(model="qwen-max", fallback=["qwen-plus"])
+    def no_model_argument(messages: list[dict[str, str]], max_tokens: int = 100) -> Any:
+        return {"usage": {"input_tokens": 1, "output_tokens": 1}}
+
+    with pytest.raises(TypeError, match="model"):
+        no_model_argument(ASK)
+    assert guard.quota("qwen-plus").reserved == 0
+    with pytest.raises(TypeError):
+        guard.wrap(fallback="qwen-plus")  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ import json
 import re
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -48,6 +48,7 @@ from .wrap import (
     acall_guarded,
     begin,
     call_guarded,
+    fallback_models,
     never_sent,
     warn_once,
 )
@@ -77,7 +78,16 @@ def check_unguarded(guard: Guard, model: Any, what: str) -> None:
 
 
 _OWN = frozenset(
-    {"_target", "_guard", "_path", "_options", "_original", "_clip", "_max_input_tokens"}
+    {
+        "_target",
+        "_guard",
+        "_path",
+        "_options",
+        "_original",
+        "_clip",
+        "_max_input_tokens",
+        "_fallback",
+    }
 )
 
 
@@ -393,6 +403,7 @@ class _OpenAIHook:
         else:
             options = Options(
                 clip=self.options.clip,
+                fallback=self.options.fallback,
                 max_input_tokens=bound if bound is not None else self.options.max_input_tokens,
                 hide_usage_chunk=hide,
                 endpoint=endpoint,
@@ -680,8 +691,11 @@ class GuardedOpenAI(_Resource):
         *,
         clip: bool = False,
         max_input_tokens: int | None = None,
+        fallback: Sequence[str] | None = None,
     ) -> None:
-        options = Options(clip=clip, max_input_tokens=max_input_tokens)
+        options = Options(
+            clip=clip, max_input_tokens=max_input_tokens, fallback=fallback_models(fallback)
+        )
         super().__init__(_install(guard, client, options), guard, "")
         self._original = client
         self._options = options
@@ -692,6 +706,7 @@ class GuardedOpenAI(_Resource):
             self._original.with_options(*args, **kwargs),
             clip=self._options.clip,
             max_input_tokens=self._options.max_input_tokens,
+            fallback=self._options.fallback,
         )
 
     def copy(self, *args: Any, **kwargs: Any) -> GuardedOpenAI:
@@ -700,6 +715,7 @@ class GuardedOpenAI(_Resource):
             self._original.copy(*args, **kwargs),
             clip=self._options.clip,
             max_input_tokens=self._options.max_input_tokens,
+            fallback=self._options.fallback,
         )
 
     def __enter__(self) -> GuardedOpenAI:
@@ -721,7 +737,12 @@ class GuardedOpenAI(_Resource):
 
 
 def wrap_openai(
-    guard: Guard, client: Any, *, clip: bool = False, max_input_tokens: int | None = None
+    guard: Guard,
+    client: Any,
+    *,
+    clip: bool = False,
+    max_input_tokens: int | None = None,
+    fallback: Sequence[str] | None = None,
 ) -> GuardedOpenAI:
     """A guarded ``client`` (``openai.OpenAI`` or ``AsyncOpenAI``); see :class:`GuardedOpenAI`.
 
@@ -731,7 +752,9 @@ def wrap_openai(
     ``max_input_tokens`` bounds input the guard cannot count (search, built-in tools,
     ``fileid://``); one call can state its own with ``max_input_tokens=``.
     """
-    return GuardedOpenAI(guard, client, clip=clip, max_input_tokens=max_input_tokens)
+    return GuardedOpenAI(
+        guard, client, clip=clip, max_input_tokens=max_input_tokens, fallback=fallback
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -1045,18 +1068,21 @@ class GuardedDashScope(_Proxy):
         *,
         clip: bool = False,
         max_input_tokens: int | None = None,
+        fallback: Sequence[str] | None = None,
         path: str = "dashscope",
     ) -> None:
         super().__init__(module, guard)
         self._path = path
         self._clip = clip
         self._max_input_tokens = max_input_tokens
+        self._fallback = fallback_models(fallback)
         sessions = _session_support()
         for name, (endpoint, max_output) in _DASHSCOPE_APIS.items():
             api = getattr(module, name, None)
             if api is not None:
                 options = Options(
                     clip=clip if max_output is None else False,
+                    fallback=self._fallback if max_output is None else (),
                     max_output=max_output,
                     max_input_tokens=max_input_tokens,
                     endpoint=endpoint,
@@ -1078,6 +1104,7 @@ class GuardedDashScope(_Proxy):
                 value,
                 clip=self._clip,
                 max_input_tokens=self._max_input_tokens,
+                fallback=self._fallback,
                 path=path,
             )
         if name in _UNGUARDED_FUNCTIONS or _is_dashscope_api(value):
@@ -1091,8 +1118,13 @@ def wrap_dashscope(
     *,
     clip: bool = False,
     max_input_tokens: int | None = None,
+    fallback: Sequence[str] | None = None,
 ) -> GuardedDashScope:
-    """A proxy of the ``dashscope`` module (imported if not given) whose calls are guarded."""
+    """A proxy of the ``dashscope`` module (imported if not given) whose calls are guarded.
+    ``fallback``: models to send a call to when its own model's free quota cannot cover
+    it (R16)."""
     if module is None:
         module = importlib.import_module("dashscope")
-    return GuardedDashScope(guard, module, clip=clip, max_input_tokens=max_input_tokens)
+    return GuardedDashScope(
+        guard, module, clip=clip, max_input_tokens=max_input_tokens, fallback=fallback
+    )

@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from os import PathLike
 from pathlib import Path
@@ -190,6 +190,7 @@ class QuotaGuard(_core.QuotaGuard):
         kind: str = "realtime",
         clip: bool = False,
         max_input_tokens: int | None = None,
+        fallback: Sequence[str] | None = None,
     ) -> Callable[[F], F]: ...
 
     def wrap(
@@ -201,6 +202,7 @@ class QuotaGuard(_core.QuotaGuard):
         kind: str = "realtime",
         clip: bool = False,
         max_input_tokens: int | None = None,
+        fallback: Sequence[str] | None = None,
     ) -> F | Callable[[F], F]:
         """Guards a function that calls the service: ``@guard.wrap`` or
         ``@guard.wrap(model="qwen-max")``. Sync, async and streaming functions; see
@@ -209,20 +211,40 @@ class QuotaGuard(_core.QuotaGuard):
 
         return cast(
             "F | Callable[[F], F]",
-            _wrap(self, fn, model=model, kind=kind, clip=clip, max_input_tokens=max_input_tokens),
+            _wrap(
+                self,
+                fn,
+                model=model,
+                kind=kind,
+                clip=clip,
+                max_input_tokens=max_input_tokens,
+                fallback=fallback,
+            ),
         )
 
     def wrap_openai(
-        self, client: Any, *, clip: bool = False, max_input_tokens: int | None = None
+        self,
+        client: Any,
+        *,
+        clip: bool = False,
+        max_input_tokens: int | None = None,
+        fallback: Sequence[str] | None = None,
     ) -> GuardedOpenAI:
         """An ``openai.OpenAI`` / ``AsyncOpenAI`` client whose every billable request is
         guarded; see :func:`quotaguard.clients.wrap_openai`."""
         from .clients import wrap_openai
 
-        return wrap_openai(self, client, clip=clip, max_input_tokens=max_input_tokens)
+        return wrap_openai(
+            self, client, clip=clip, max_input_tokens=max_input_tokens, fallback=fallback
+        )
 
     def wrap_dashscope(
-        self, module: Any = None, *, clip: bool = False, max_input_tokens: int | None = None
+        self,
+        module: Any = None,
+        *,
+        clip: bool = False,
+        max_input_tokens: int | None = None,
+        fallback: Sequence[str] | None = None,
     ) -> GuardedDashScope:
         """The ``dashscope`` module with its billable APIs guarded (``Generation``,
         ``MultiModalConversation``, ``TextEmbedding``, ``MultiModalEmbedding``,
@@ -230,7 +252,9 @@ class QuotaGuard(_core.QuotaGuard):
         API refused under Free Quota Only; see :func:`quotaguard.clients.wrap_dashscope`."""
         from .clients import wrap_dashscope
 
-        return wrap_dashscope(self, module, clip=clip, max_input_tokens=max_input_tokens)
+        return wrap_dashscope(
+            self, module, clip=clip, max_input_tokens=max_input_tokens, fallback=fallback
+        )
 
     # ---- budgets ------------------------------------------------------------
 

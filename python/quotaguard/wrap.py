@@ -35,7 +35,7 @@ import struct
 import threading
 import types
 import warnings
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, cast, overload
 
@@ -92,6 +92,12 @@ TOOLS_FOOTER = (
 
 class Reservation(Protocol):
     """The part of ``quotaguard.Reservation`` this module uses."""
+
+    @property
+    def free_tokens(self) -> int: ...
+
+    @property
+    def worst_case(self) -> int: ...
 
     def settle(
         self,
@@ -806,6 +812,52 @@ def reserve(guard: Guard, call: _CallArgs, request: _Request, clip: bool) -> Res
         )
 
 
+def reserve_with_fallback(
+    guard: Guard, call: _CallArgs, request: _Request, options: Options
+) -> tuple[Reservation, _Request]:
+    """R16: the call's own model when its free quota covers the whole worst case, else
+    the first fallback model whose free quota does, with the call's ``model`` rewritten
+    and nothing else changed. A call is never moved from free to paid: when no listed
+    model covers it free, it is reserved as it would be without fallback (refused under
+    Free Quota Only, clipped with ``clip=True``, or paid where paying is allowed)."""
+    if not options.fallback or request.kind != "realtime":
+        return reserve(guard, call, request, options.clip), request
+    for model in dict.fromkeys((request.model, *options.fallback)):
+        candidate = request
+        if model != request.model:
+            candidate = read_request(
+                guard,
+                call,
+                model=model,
+                input_tokens=request.input_tokens,
+                max_output=options.max_output,
+                max_input_tokens=options.max_input_tokens,
+                endpoint=options.endpoint,
+                kind=request.kind,
+            )
+        try:
+            held = guard.reserve(
+                model,
+                candidate.input_tokens,
+                candidate.max_output,
+                candidate.kind,
+                thinking=candidate.thinking,
+            )
+        except FreeTierOnly as refused:
+            if isinstance(refused, AccountOverdue):
+                raise
+            continue
+        if held.free_tokens >= held.worst_case:
+            if model == request.model or call.set("model", model):
+                return held, candidate
+            held.release()
+            raise TypeError(
+                f"fallback to {model!r}: the guarded function takes no model argument to set"
+            )
+        held.release()  # partly paid: try the next model
+    return reserve(guard, call, request, options.clip), request
+
+
 # --------------------------------------------------------------------------------------
 # Reading responses: usage, errors, the end of a stream
 
@@ -1379,6 +1431,9 @@ class Options:
     input_tokens: int | None = None
     max_output: int | None = None
     max_input_tokens: int | None = None
+    # R16: models to send a call to, unchanged otherwise, when its own model's free
+    # quota cannot cover it.
+    fallback: tuple[str, ...] = ()
     hide_usage_chunk: bool = False
     endpoint: str | None = None
     name: str | None = None
@@ -1402,7 +1457,7 @@ def begin(
         endpoint=options.endpoint,
         kind=options.kind,
     )
-    reservation = reserve(guard, call_args, request, options.clip)
+    reservation, request = reserve_with_fallback(guard, call_args, request, options)
     return _Call(
         guard,
         request,
@@ -1463,6 +1518,19 @@ async def acall_guarded(
     return call.finish(result)
 
 
+def fallback_models(models: Sequence[str] | str | None) -> tuple[str, ...]:
+    """A fallback list, checked: model names, in order."""
+    if models is None:
+        return ()
+    if isinstance(models, str):
+        raise TypeError(f"fallback must be a list of model names, not the string {models!r}")
+    names = tuple(models)
+    for m in names:
+        if not isinstance(m, str) or not m.strip():
+            raise TypeError(f"fallback must hold model names, not {m!r}")
+    return names
+
+
 @overload
 def wrap(
     guard: Guard,
@@ -1472,6 +1540,7 @@ def wrap(
     kind: str = "realtime",
     clip: bool = False,
     max_input_tokens: int | None = None,
+    fallback: Sequence[str] | None = None,
 ) -> Callable[P, R]: ...
 
 
@@ -1484,6 +1553,7 @@ def wrap(
     kind: str = "realtime",
     clip: bool = False,
     max_input_tokens: int | None = None,
+    fallback: Sequence[str] | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -1495,6 +1565,7 @@ def wrap(
     kind: str = "realtime",
     clip: bool = False,
     max_input_tokens: int | None = None,
+    fallback: Sequence[str] | None = None,
 ) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
     """Guard a function that calls the service: ``@guard.wrap`` or ``@guard.wrap(...)``.
 
@@ -1510,7 +1581,10 @@ def wrap(
     refused under Free Quota Only unless ``max_input_tokens`` (here, or as a keyword of
     one call, which is consumed) states a bound. With ``clip=True`` a call that would be
     refused has its max tokens shrunk to what is left instead, and is refused only if
-    not even one output token fits.
+    not even one output token fits. With ``fallback=[models]`` a call whose model's free
+    quota cannot cover it goes, unchanged otherwise, to the first listed model whose free
+    quota can (the function must take a ``model`` argument); it never moves a call from
+    free to paid.
 
     Sync and async functions are supported; a returned stream (generator, async
     generator, SDK stream) comes back wrapped in :class:`GuardedStream` or
@@ -1520,12 +1594,15 @@ def wrap(
     that returns no usage is settled at its worst case, with a warning once.
     """
 
+    fallback_list = fallback_models(fallback)
+
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
         options = Options(
             model=model,
             kind=kind,
             clip=clip,
             max_input_tokens=max_input_tokens,
+            fallback=fallback_list,
             name=_name_of(func),
         )
         if inspect.iscoroutinefunction(func):
