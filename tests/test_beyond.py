@@ -362,3 +362,27 @@ def test_fallback_through_dashscope_and_the_decorator(server: Any, tmp_path: Pat
     assert guard.quota("qwen-plus").reserved == 0
     with pytest.raises(TypeError):
         guard.wrap(fallback="qwen-plus")  # type: ignore[arg-type]
+
+
+def test_a_block_also_stops_calls_the_guard_cannot_count(server: Any, tmp_path: Path) -> None:
+    import openai
+
+    guard = qg.QuotaGuard(tmp_path / "l.db")
+    guard.grant("qwen-max", tokens=1_000)  # Free Quota Only off: unguarded calls may go
+    guard.block("maintenance")
+    raw = openai.OpenAI(base_url=server.openai_base, api_key="sk-test", max_retries=0)
+    client = guard.wrap_openai(raw)
+    sent = len(server.requests)
+    with pytest.raises(qg.Blocked, match="maintenance"):
+        client.images.generate(model="qwen-max", prompt="a cat")
+    assert len(server.requests) == sent
+
+
+def test_an_in_doubt_record_keeps_its_mark_on_export(guard: qg.QuotaGuard, tmp_path: Path) -> None:
+    guard.grant("qwen-max", tokens=1_000)
+    guard.reserve("qwen-max", 10, 10).settle_worst_case(in_doubt=True)
+    guard.reserve("qwen-max", 10, 10).settle(5, 5)
+    assert [qg.record_to_dict(r)["in_doubt"] for r in guard.records()] == [True, False]
+    guard.export(tmp_path / "r.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["in_doubt"] for r in rows] == [True, False]

@@ -327,6 +327,7 @@ def parse_text_row(row: dict[str, Any], *, empty_is_none: bool) -> dict[str, Any
     for name in INT_FIELDS:
         out[name] = int(row[name])
     out["thinking"] = row["thinking"] in (True, "True")
+    out["in_doubt"] = row["in_doubt"] in (True, "True")
     if empty_is_none:
         for name in ("workspace", "request_id"):
             out[name] = row[name] or None

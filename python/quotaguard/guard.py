@@ -66,6 +66,7 @@ RECORD_FIELDS = (
     "cost",
     "currency",
     "cost_type",
+    "in_doubt",
 )
 
 

@@ -1005,6 +1005,10 @@ impl Guard {
         if let Some(m) = model {
             Self::check_model(m)?;
         }
+        // The kill switch refuses every call, the ones it cannot count too (R15).
+        if let Some(reason) = self.blocked()? {
+            return Err(QuotaError::Blocked(reason));
+        }
         let overdue = self.ledger.account(self.account())?.overdue;
         let rows: Vec<QuotaRow> = match model {
             Some(m) => self
