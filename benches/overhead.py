@@ -189,7 +189,7 @@ def overhead_bench(calls: int, ledger: str) -> bool:
         return pct < 2
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=600)
     ap.add_argument("--seconds", type=float, default=2.0, help="time per tokenizer measurement")
@@ -206,7 +206,8 @@ def main() -> None:
         f"\ntokenizer target: {'PASS' if t_ok else 'MISS'}; overhead target: "
         f"{'PASS' if o_ok else 'MISS'}"
     )
+    return 0 if t_ok and o_ok else 1  # a MISS is a failure
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
