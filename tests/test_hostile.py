@@ -838,6 +838,19 @@ def test_the_console_shows_a_full_quota_as_remaining_over_total(guard: qg.QuotaG
 # ------------------------------------------------------------- found by the fuzz run
 
 
+def test_an_argument_that_was_not_utf8_is_one_line_of_error(tmp_path: Path) -> None:
+    # Bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape).
+    done = subprocess.run(
+        [sys.executable, "-m", "quotaguard", "status", b"\xed\xa0\x80\xff"],  # type: ignore[list-item]
+        capture_output=True,
+        env={**os.environ, "HOME": str(tmp_path), "QUOTAGUARD_LEDGER": "memory://"},
+    )
+    assert done.returncode == 2
+    err = done.stderr.decode("utf-8", "backslashreplace")
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("quotaguard: error: unrecognized arguments: \\udced"), err
+
+
 @pytest.mark.parametrize(
     ("window", "exc"), [(10**100, ValueError), (True, TypeError), ("24", TypeError)]
 )

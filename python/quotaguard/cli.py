@@ -750,7 +750,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {_printable(_redact(message))}", file=sys.stderr)
+    # Printable first: an argument that was not UTF-8 (a lone surrogate) is escaped
+    # before the message meets anything that wants real text.
+    print(f"{PROG}: error: {_redact(_printable(message))}", file=sys.stderr)
     return code
 
 
@@ -777,7 +779,7 @@ def _show_warning(
     line: str | None = None,
 ) -> None:
     # One line on stderr, as errors are: no file name and line of the library.
-    print(f"{PROG}: warning: {_printable(_redact(str(message)))}", file=sys.stderr)
+    print(f"{PROG}: warning: {_redact(_printable(str(message)))}", file=sys.stderr)
 
 
 def _tolerant_output() -> None:
