@@ -50,6 +50,18 @@ class Clock:
 
 
 @pytest.fixture
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh ``$HOME`` and no ``$QUOTAGUARD_LEDGER``: a test never reaches the user's
+    real ledger. Modules that start guards without a ledger use it for every test."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("QUOTAGUARD_LEDGER", raising=False)
+    monkeypatch.delenv("QUOTAGUARD_DEBUG", raising=False)
+    return home
+
+
+@pytest.fixture
 def clock() -> Clock:
     return Clock()
 

@@ -18,20 +18,9 @@ import quotaguard
 from quotaguard.cli import main
 from quotaguard.display import CST
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("isolated_home")]
 
 MODEL = "qwen-max"
-
-
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No test may reach the user's real ledger: a fresh $HOME and no $QUOTAGUARD_LEDGER."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("QUOTAGUARD_LEDGER", raising=False)
-    monkeypatch.delenv("QUOTAGUARD_DEBUG", raising=False)
-    return home
 
 
 @pytest.fixture

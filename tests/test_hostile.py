@@ -27,19 +27,9 @@ import quotaguard as qg
 from quotaguard import FreeTierOnly, LedgerError, LedgerPermissionWarning
 from quotaguard.cli import main
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("isolated_home")]
 
 MODEL = "qwen-max"
-
-
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("QUOTAGUARD_LEDGER", raising=False)
-    monkeypatch.delenv("QUOTAGUARD_DEBUG", raising=False)
-    return home
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

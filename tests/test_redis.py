@@ -43,21 +43,11 @@ from quotaguard import FreeTierOnly, LedgerError
 pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="needs redis-server and SIGKILL"),
     pytest.mark.timeout(60),
+    pytest.mark.usefixtures("isolated_home"),
 ]
 
 MODEL = "qwen-max"
 HOST = "127.0.0.1"
-
-
-@pytest.fixture(autouse=True)
-def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No test here may touch the user's ``~/.quotaguard`` or ``$QUOTAGUARD_LEDGER``; the
-    Redis fixtures also give each test its own ``$QUOTAGUARD_SPILL_DIR``."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("QUOTAGUARD_LEDGER", raising=False)
-    return home
 
 
 @pytest.fixture(params=["standalone", "cluster"])
