@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import quotaguard
+from quotaguard._format import CST
 from quotaguard.cli import main
-from quotaguard.display import CST
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("isolated_home")]
 

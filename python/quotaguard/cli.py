@@ -17,16 +17,16 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from .display import CST, bar, cst, state
+from ._format import CST, cst, format_bill, format_quota, money, state, table, tier_label
 from .exceptions import QuotaGuardError
 
 if TYPE_CHECKING:
-    from ._core import Bill, Quota
+    from ._core import Quota
     from .guard import QuotaGuard
 
 __all__ = ["format_bill", "format_quota", "main"]
@@ -117,52 +117,6 @@ def _instant(text: str) -> datetime:
 
 def _instant_end(text: str) -> datetime:
     return parse_instant(text, end_of_day=True)
-
-
-# ---------------------------------------------------------------------- formatting
-
-
-def money(amount: Decimal) -> str:
-    """An exact amount: two decimals unless it has more (never rounded away)."""
-    cents = amount.quantize(Decimal("0.01"))
-    if cents == amount:
-        return f"{cents:,.2f}"
-    return f"{amount.normalize():,f}"
-
-
-def format_quota(q: Quota, width: int = 0) -> str:
-    """One model as the console shows it: ``qwen-max  362,917/1,000,000  ███░░  expires ...``."""
-    return (
-        f"{q.model:<{width}}  {q.console:>21}  {bar(q.fraction_left)}  "
-        f"expires {cst(q.expires_at)}  {state(q)}"
-        + (f"  ({q.reserved:,} reserved)" if q.reserved else "")
-    )
-
-
-def format_bill(bill: Bill, account: str | None = None) -> str:
-    """A bill as a table: per model the free tokens deducted, the billable tokens, the cost."""
-    who = f", account {account!r}" if account is not None else ""
-    head = f"Bill {bill.period} ({bill.currency}{who})"
-    lines = list(bill.lines)
-    width = max([len("model"), *(len(line.model) for line in lines)])
-    rows = [
-        head,
-        f"{'model':<{width}}  {'calls':>7}  {'free tokens':>13}  {'billable tokens':>15}  "
-        f"{'cost':>12}",
-    ]
-    for line in lines:
-        note = f"  ({line.unpriced_calls:,} unpriced calls)" if line.unpriced_calls else ""
-        rows.append(
-            f"{line.model:<{width}}  {line.calls:>7,}  {line.free_tokens:>13,}  "
-            f"{line.billable_tokens:>15,}  {money(line.cost):>12}{note}"
-        )
-    if not lines:
-        rows.append("(no calls in this period)")
-    blank = " " * (7 + 2 + 13 + 2 + 15)
-    rows.append(f"{'total':<{width}}  {blank}  {money(bill.total):>12} {bill.currency}")
-    charged = ", ".join(bill.charged_models) or "none"
-    rows.append(f"models that incurred charges: {charged}")
-    return "\n".join(rows)
 
 
 def _plain(value: Any) -> Any:
@@ -287,7 +241,7 @@ def cmd_records(args: argparse.Namespace) -> int:
         )
         for r in records
     ]
-    for line in _table(RECORD_COLUMNS, rows, 5):
+    for line in table(RECORD_COLUMNS, rows, 5):
         print(line)
     return 0
 
@@ -411,7 +365,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
             ]
         )
     head = ["model", "left", "burn", "runs out (CST)", "expires", "unused at expiry"]
-    print("\n".join(_table(head, rows, 1)))
+    print("\n".join(table(head, rows, 1)))
     print(f"burn rate over the last {args.window:g} h")
     return 0
 
@@ -429,27 +383,6 @@ def cmd_unblock(args: argparse.Namespace) -> int:
     guard.unblock()
     print("unblocked" if was is not None else "was not blocked")
     return 0
-
-
-def _tier_label(up_to: int | None, previous: int | None) -> str:
-    def k(n: int) -> str:  # K = 1,000 tokens, as the pricing page says
-        return f"{n // 1000:,}K" if n % 1000 == 0 else f"{n:,}"
-
-    if up_to is None:
-        return "flat" if previous is None else f"> {k(previous)}"
-    return f"<= {k(up_to)}"
-
-
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> list[str]:
-    """Rows under a header; the first ``left`` columns flush left, the rest right."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    return [
-        "  ".join(
-            c.ljust(w) if i < left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in [head, *rows]
-    ]
 
 
 def cmd_prices(args: argparse.Namespace) -> int:
@@ -478,14 +411,17 @@ def cmd_prices(args: argparse.Namespace) -> int:
         currencies: set[str] = set()
         checked: list[str] = []
         for name, model in models.items():
-            table = model["prices"].get(site)
-            if table is None:
+            site_prices = model["prices"].get(site)
+            if site_prices is None:
                 rows.append((name, "no known price", "", "", ""))
                 continue
-            currencies.add(table["currency"])
-            if table.get("prices_read"):
-                checked.append(f"{name} {table['prices_read']}")
-            columns = [(name, table), *((f"{name} [{r}]", t) for r, t in table["regions"].items())]
+            currencies.add(site_prices["currency"])
+            if site_prices.get("prices_read"):
+                checked.append(f"{name} {site_prices['prices_read']}")
+            columns = [
+                (name, site_prices),
+                *((f"{name} [{r}]", t) for r, t in site_prices["regions"].items()),
+            ]
             for label, column in columns:
                 batch.add(column["batch_percent"])
                 cache.add(
@@ -501,7 +437,7 @@ def cmd_prices(args: argparse.Namespace) -> int:
                     rows.append(
                         (
                             label if i == 0 else "",
-                            _tier_label(tier["up_to"], previous),
+                            tier_label(tier["up_to"], previous),
                             money(tier["input"]),
                             money(tier["output"]),
                             "-" if thinking is None else money(thinking),
@@ -515,7 +451,7 @@ def cmd_prices(args: argparse.Namespace) -> int:
             "[region]: another deployment region's prices)"
         )
         head = ("model", "tier (input)", "input", "output", "thinking output")
-        for line in _table(head, rows, 2):
+        for line in table(head, rows, 2):
             print(line)
         if checked:
             print(f"checked since: {', '.join(checked)}")

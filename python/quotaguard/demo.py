@@ -25,8 +25,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from .cli import format_bill
-from .display import bar
+from ._format import bar, format_bill
 from .exceptions import FreeTierOnly
 from .guard import QuotaGuard
 from .testing import FakeDashScope

@@ -316,12 +316,12 @@ class QuotaGuard(_core.QuotaGuard):
 
     def status(self) -> str:
         """Each model's remaining quota as the console writes it, with its expiry (CST)."""
-        from .display import status_text
+        from ._format import status_text
 
         return status_text(self)
 
     def _repr_html_(self) -> str:
-        from .display import status_html
+        from ._format import status_html
 
         return status_html(self)
 

@@ -1,4 +1,6 @@
-"""How a guard looks: console-style text for terminals, bars for notebooks.
+"""How quotaguard looks: the one place that turns its objects into text and HTML.
+
+The command line, the notebook views, the reprs and the demo all format through here.
 
 Days and expiry dates are shown in China Standard Time, where the platform counts them.
 """
@@ -6,14 +8,28 @@ Days and expiry dates are shown in China Standard Time, where the platform count
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._core import Forecast, Quota
+    from ._core import Bill, Forecast, Quota
     from .guard import QuotaGuard
 
-__all__ = ["CST", "bar", "cst", "state", "status_html", "status_text"]
+__all__ = [
+    "CST",
+    "bar",
+    "cst",
+    "format_bill",
+    "format_quota",
+    "money",
+    "state",
+    "status_html",
+    "status_text",
+    "table",
+    "tier_label",
+]
 
 CST = timezone(timedelta(hours=8), "CST")
 
@@ -112,3 +128,70 @@ def status_html(guard: QuotaGuard) -> str:
         "<th>expires</th><th>state</th><th>at the last 24 h's rate</th></tr></thead>"
         f"<tbody>{body}</tbody></table></div>"
     )
+
+
+# ---------------------------------------------------------------------- text
+
+
+def money(amount: Decimal) -> str:
+    """An exact amount: two decimals unless it has more (never rounded away)."""
+    cents = amount.quantize(Decimal("0.01"))
+    if cents == amount:
+        return f"{cents:,.2f}"
+    return f"{amount.normalize():,f}"
+
+
+def format_quota(q: Quota, width: int = 0) -> str:
+    """One model as the console shows it: ``qwen-max  362,917/1,000,000  ███░░  expires ...``."""
+    return (
+        f"{q.model:<{width}}  {q.console:>21}  {bar(q.fraction_left)}  "
+        f"expires {cst(q.expires_at)}  {state(q)}"
+        + (f"  ({q.reserved:,} reserved)" if q.reserved else "")
+    )
+
+
+def format_bill(bill: Bill, account: str | None = None) -> str:
+    """A bill as a table: per model the free tokens deducted, the billable tokens, the cost."""
+    who = f", account {account!r}" if account is not None else ""
+    head = f"Bill {bill.period} ({bill.currency}{who})"
+    lines = list(bill.lines)
+    width = max([len("model"), *(len(line.model) for line in lines)])
+    rows = [
+        head,
+        f"{'model':<{width}}  {'calls':>7}  {'free tokens':>13}  {'billable tokens':>15}  "
+        f"{'cost':>12}",
+    ]
+    for line in lines:
+        note = f"  ({line.unpriced_calls:,} unpriced calls)" if line.unpriced_calls else ""
+        rows.append(
+            f"{line.model:<{width}}  {line.calls:>7,}  {line.free_tokens:>13,}  "
+            f"{line.billable_tokens:>15,}  {money(line.cost):>12}{note}"
+        )
+    if not lines:
+        rows.append("(no calls in this period)")
+    blank = " " * (7 + 2 + 13 + 2 + 15)
+    rows.append(f"{'total':<{width}}  {blank}  {money(bill.total):>12} {bill.currency}")
+    charged = ", ".join(bill.charged_models) or "none"
+    rows.append(f"models that incurred charges: {charged}")
+    return "\n".join(rows)
+
+
+def tier_label(up_to: int | None, previous: int | None) -> str:
+    def k(n: int) -> str:  # K = 1,000 tokens, as the pricing page says
+        return f"{n // 1000:,}K" if n % 1000 == 0 else f"{n:,}"
+
+    if up_to is None:
+        return "flat" if previous is None else f"> {k(previous)}"
+    return f"<= {k(up_to)}"
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> list[str]:
+    """Rows under a header; the first ``left`` columns flush left, the rest right."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    return [
+        "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [head, *rows]
+    ]
