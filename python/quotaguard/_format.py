@@ -308,7 +308,8 @@ def _pad(text: str, width: int, right: bool) -> str:
 
 def wrap(text: str, width: int | None, indent: int = 2) -> list[str]:
     """The lines of ``text``, each longer than ``width`` wrapped between words (never
-    inside a word, so never inside a model name or a path); a continuation is indented
+    inside a word that fits on a line, so never inside a model name; a path longer than
+    the width is cut where the terminal would have cut it); a continuation is indented
     ``indent`` more than its line."""
     lines = text.split("\n")
     if width is None:
@@ -324,7 +325,7 @@ def wrap(text: str, width: int | None, indent: int = 2) -> list[str]:
                 line,
                 width,
                 subsequent_indent=lead + " " * indent,
-                break_long_words=False,
+                break_long_words=True,  # only a word longer than a whole line: a path
                 break_on_hyphens=False,
             )
             or [line]
@@ -412,7 +413,9 @@ def fit_table(
             if total() <= width:
                 break
             if not go:
-                while total() > width and level[i] < levels(i) - 1:
+                # A column that may go keeps its shortest text for its `keep` step.
+                last = levels(i) - (2 if columns[i].drop else 1)
+                while total() > width and level[i] < last:
                     level[i] += 1
             elif shown[i] and sum(shown) > 1:
                 while level[i] < levels(i) - 1:  # the shortest first
@@ -477,7 +480,11 @@ def _quota_rows(quotas: Iterable[Quota]) -> list[list[str | Cell]]:
                 cell(
                     bar(q.fraction_left), bar(q.fraction_left, 10), sgr=level_sgr(q.fraction_left)
                 ),
-                cell(f"expires {cst(q.expires_at)}", f"expires {expires:%Y-%m-%d}"),
+                cell(
+                    f"expires {cst(q.expires_at)}",
+                    f"expires {expires:%Y-%m-%d}",
+                    f"{expires:%Y-%m-%d}",
+                ),
                 cell(s, sgr=STATE_SGR.get(s, "")),
                 cell(f"({q.reserved:,} reserved)", f"+{q.reserved:,}") if q.reserved else "",
             ]
