@@ -58,6 +58,8 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("QUOTAGUARD_LEDGER", raising=False)
     monkeypatch.delenv("QUOTAGUARD_DEBUG", raising=False)
+    for name in ("COLUMNS", "NO_COLOR", "FORCE_COLOR"):  # output as a pipe gets it
+        monkeypatch.delenv(name, raising=False)
     return home
 
 

@@ -387,7 +387,8 @@ def test_default_ledger_is_in_home(capsys: pytest.CaptureFixture[str], isolated_
 def test_accounts_are_separate(capsys: pytest.CaptureFixture[str], ledger: str) -> None:
     run(capsys, "grant", MODEL, "--account", "team-a", "--ledger", ledger)
     _, out, _ = run(capsys, "status", "--account", "team-b", "--ledger", ledger)
-    assert "no free quota granted yet" in out
+    assert "no quota for account 'team-b' in this ledger; accounts here: team-a" in out
+    assert "use --account team-a" in out
     _, out, _ = run(capsys, "status", "--account", "team-a", "--ledger", ledger)
     assert "1,000,000/1,000,000" in out
 
