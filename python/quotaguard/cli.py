@@ -208,12 +208,12 @@ RECORD_COLUMNS = (
 
 
 def cmd_records(args: argparse.Namespace) -> int:
-    from .guard import RECORD_FIELDS, record_to_dict
+    from ._format import RECORD_FIELDS, record_to_dict
 
     guard = _guard(args)
     records = guard.records(model=args.model, user=args.user, since=args.since, until=args.until)
     if args.limit is not None:
-        records = records[-args.limit :] if args.limit else []  # the most recent ones
+        records = records[-args.limit :] if args.limit else records[:0]  # the most recent ones
     if args.json:
         _print_json([record_to_dict(r) for r in records], sys.stdout)
         return 0
