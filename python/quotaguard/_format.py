@@ -103,6 +103,7 @@ class _Guard(Protocol):
         extra_tokens: int | None = None,
     ) -> int: ...
     def records(self, model: str | None = None) -> list[UsageRecord]: ...
+    def now(self) -> datetime: ...
 
 
 # ---------------------------------------------------------------------- pieces
@@ -789,7 +790,7 @@ def plot(guard: _Guard, model: str | None = None) -> Any:
             raise ValueError(f"model {model!r} has no free quota granted: nothing to plot")
     fig = Figure(figsize=(8, 3.5), layout="constrained")
     ax: Any = fig.add_subplot()  # matplotlib's stubs do not take datetimes
-    now = datetime.now(timezone.utc)
+    now = guard.now()
     for q in quotas:
         times, left = [q.activated_at], [q.total]
         used = 0
