@@ -312,13 +312,16 @@ def _outlook(f: Forecast) -> str:
 
 
 def _money_line(guard: _Guard) -> str | None:
+    """The balance when tracked, and whether the account is overdue (R7)."""
     balance, overdue = guard.balance, guard.overdue
     if balance is None and not overdue:
         return None
-    shown = f"balance {money(balance)} {guard.currency}" if balance is not None else None
-    return " · ".join(
-        s for s in (shown or "balance untracked", "OVERDUE: every call is refused" * overdue) if s
-    )
+    parts = [
+        "balance untracked" if balance is None else f"balance {money(balance)} {guard.currency}"
+    ]
+    if overdue:
+        parts.append("OVERDUE: every call is refused")
+    return " · ".join(parts)
 
 
 def status_text(guard: _Guard) -> str:
