@@ -1,5 +1,7 @@
 //! Frozen value classes handed to Python: they hold plain core data and build
-//! Python objects only when a field is read.
+//! Python objects only when a field is read. How they look (`repr`, `str`, the notebook's
+//! HTML) is `quotaguard._format`'s business: one renderer per object, shared with the
+//! command line.
 use chrono::{DateTime, Utc};
 use pyo3::prelude::*;
 use rust_decimal::Decimal;
@@ -7,8 +9,17 @@ use rust_decimal::Decimal;
 use quotaguard_core::clock::to_utc;
 use quotaguard_core::guard::{Bill, BillLine, Forecast, QuotaView};
 use quotaguard_core::ledger::{Alert, HourRow, UsageRecord};
-use quotaguard_core::money::{format_amount, to_decimal, Currency};
+use quotaguard_core::money::{to_decimal, Currency};
 use quotaguard_core::quota::format_console_figure;
+
+/// `obj` as `quotaguard._format.render` writes it: `how` is `"repr"`, `"str"` or `"html"`.
+fn render<T: pyo3::PyTypeInfo>(obj: &Bound<'_, T>, how: &str) -> PyResult<String> {
+    obj.py()
+        .import("quotaguard._format")?
+        .getattr("render")?
+        .call1((obj, how))?
+        .extract()
+}
 
 /// Where a model's free quota is heading at its recent burn rate (R17).
 #[pyclass(frozen, module = "quotaguard", name = "Forecast")]
@@ -51,17 +62,8 @@ impl PyForecast {
         self.0.window_ms as f64 / 3_600_000.0
     }
 
-    fn __repr__(&self) -> String {
-        let f = &self.0;
-        format!(
-            "Forecast(model={:?}, remaining={}, burn_per_hour={:.1}, runs_out_at={}, unused_at_expiry={})",
-            f.model,
-            f.remaining,
-            f.burn_per_hour,
-            f.runs_out_ms
-                .map_or("None".into(), |ms| format!("'{}'", to_utc(ms).to_rfc3339())),
-            f.unused_at_expiry
-        )
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "repr")
     }
 }
 
@@ -121,17 +123,14 @@ impl PyQuota {
     fn console(&self) -> String {
         format_console_figure(self.0.remaining, self.0.total)
     }
-    fn __repr__(&self) -> String {
-        format!(
-            "Quota(model={:?}, remaining={}, total={}, reserved={}, expires_at='{}', expired={}, free_only={})",
-            self.0.model,
-            self.0.remaining,
-            self.0.total,
-            self.0.reserved,
-            to_utc(self.0.expires_ms).format("%Y-%m-%dT%H:%M:%SZ"),
-            if self.0.expired { "True" } else { "False" },
-            if self.0.free_only { "True" } else { "False" },
-        )
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "repr")
+    }
+    fn __str__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "str")
+    }
+    fn _repr_html_(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "html")
     }
 }
 
@@ -220,18 +219,11 @@ impl PyUsageRecord {
     fn in_doubt(&self) -> bool {
         self.0.in_doubt
     }
-    fn __repr__(&self) -> String {
-        let r = &self.0;
-        format!(
-            "UsageRecord(model={:?}, user={:?}, input_tokens={}, output_tokens={}, free_tokens={}, cost={}, cost_type={:?})",
-            r.model,
-            r.user,
-            r.input_tokens,
-            r.output_tokens,
-            r.free_tokens,
-            r.cost.map_or_else(|| "None".to_string(), |c| format!("Decimal('{}')", to_decimal(c))),
-            r.cost_type.as_str()
-        )
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "repr")
+    }
+    fn _repr_html_(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "html")
     }
 }
 
@@ -279,15 +271,8 @@ impl PyBillLine {
     fn currency(&self) -> &'static str {
         self.1.code()
     }
-    fn __repr__(&self) -> String {
-        format!(
-            "BillLine(model={:?}, free_tokens={}, billable_tokens={}, cost=Decimal('{}'), currency={:?})",
-            self.0.model,
-            self.0.free_tokens,
-            self.0.billable_input_tokens + self.0.billable_output_tokens,
-            to_decimal(self.0.cost),
-            self.1.code()
-        )
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "repr")
     }
 }
 
@@ -321,33 +306,14 @@ impl PyBill {
     fn charged_models(&self) -> Vec<String> {
         self.0.charged_models.clone()
     }
-    fn __repr__(&self) -> String {
-        format!(
-            "Bill(period={:?}, total=Decimal('{}'), currency={:?}, lines={}, charged_models={:?})",
-            self.0.period,
-            to_decimal(self.0.total),
-            self.0.currency.code(),
-            self.0.lines.len(),
-            self.0.charged_models
-        )
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "repr")
     }
-    fn __str__(&self) -> String {
-        let mut s = format!("Bill {} ({})\n", self.0.period, self.0.currency);
-        for l in &self.0.lines {
-            s.push_str(&format!(
-                "  {:<22} free {:>12}  billable {:>12}  {:>14}\n",
-                l.model,
-                l.free_tokens,
-                l.billable_input_tokens + l.billable_output_tokens,
-                format_amount(l.cost)
-            ));
-        }
-        s.push_str(&format!(
-            "  {:<22} {:>54}\n",
-            "total",
-            format_amount(self.0.total)
-        ));
-        s
+    fn __str__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "str")
+    }
+    fn _repr_html_(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "html")
     }
 }
 
@@ -385,17 +351,11 @@ impl PyHourStats {
     fn output_tokens(&self) -> u64 {
         self.0.output_tokens
     }
-    fn __repr__(&self) -> String {
-        format!(
-            "HourStats(hour='{}', model={:?}, calls={}, refusals={}, failures={}, input_tokens={}, output_tokens={})",
-            to_utc(self.0.hour_ms).format("%Y-%m-%dT%H:00Z"),
-            self.0.model,
-            self.0.calls,
-            self.0.refusals,
-            self.0.failures,
-            self.0.input_tokens,
-            self.0.output_tokens
-        )
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "repr")
+    }
+    fn _repr_html_(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "html")
     }
 }
 
@@ -452,39 +412,10 @@ impl PyAlert {
     fn time(&self) -> DateTime<Utc> {
         to_utc(self.0.time_ms)
     }
-    fn __repr__(&self) -> String {
-        format!(
-            "Alert(kind={:?}, model={}, remaining={}, total={}, amount={})",
-            self.0.kind.as_str(),
-            self.0
-                .model
-                .as_ref()
-                .map_or_else(|| "None".to_string(), |m| format!("{m:?}")),
-            self.0.remaining,
-            self.0.total,
-            self.0.amount.map_or_else(
-                || "None".to_string(),
-                |a| format!("Decimal('{}')", to_decimal(a))
-            )
-        )
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "repr")
     }
-    fn __str__(&self) -> String {
-        match self.0.kind {
-            quotaguard_core::rules::AlertKind::DailySpend => format!(
-                "daily spend alert: bill of {} for {} was {} {}, above {} {}",
-                self.0.model.as_deref().unwrap_or("the account"),
-                self.0.day.map(|d| d.to_string()).unwrap_or_default(),
-                format_amount(self.0.amount.unwrap_or(0)),
-                self.1,
-                format_amount(self.0.limit.unwrap_or(0)),
-                self.1
-            ),
-            k => format!(
-                "{}: free quota of {:?} at {}",
-                k.as_str(),
-                self.0.model.as_deref().unwrap_or(""),
-                format_console_figure(self.0.remaining, self.0.total)
-            ),
-        }
+    fn __str__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        render(slf, "str")
     }
 }

@@ -377,7 +377,7 @@ def test_top_up_changes_the_balance(ledger: str, capsys: pytest.CaptureFixture[s
     assert "no longer overdue" in capsys.readouterr().out
     assert not guard.overdue and guard.balance == 0
     _ = main(["status", "--ledger", ledger])
-    assert "balance 0 CNY" in capsys.readouterr().out
+    assert "balance 0.00 CNY" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("amount", ["-5", "0", "ten", "1,000", ""])

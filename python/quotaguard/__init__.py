@@ -28,6 +28,7 @@ from ._core import (
     UsageRecord,
     count_tokens,
 )
+from ._format import RecordList, StatsList
 from .exceptions import (
     AccountOverdue,
     Blocked,
@@ -62,7 +63,9 @@ __all__ = [
     "Quota",
     "QuotaGuard",
     "QuotaGuardError",
+    "RecordList",
     "Reservation",
+    "StatsList",
     "UnguardedWarning",
     "UsageRecord",
     "__version__",

@@ -1,29 +1,41 @@
 """How quotaguard looks: the one place that turns its objects into text and HTML.
 
-The command line, the notebook views, the reprs and the demo all format through here.
+The command line, the notebook views, the reprs of the core's objects (``Quota``,
+``Bill``, ``UsageRecord``, ...: the compiled core calls :func:`render`), the wrapped
+clients and the demo all format through here. Nothing here imports the guard at run
+time: the guard imports this module, never the other way round.
 
-Days and expiry dates are shown in China Standard Time, where the platform counts them.
+Days, hours and expiry dates are shown in China Standard Time, where the platform counts
+them; token counts with thousands separators; amounts exactly.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, cast, overload
 
 if TYPE_CHECKING:
-    from ._core import Bill, Forecast, Quota
-    from .guard import QuotaGuard
+    from ._core import Alert, Bill, BillLine, Forecast, HourStats, Quota, UsageRecord
+    from .guard import Budget, QuotaGuard
 
 __all__ = [
     "CST",
+    "RECORD_FIELDS",
+    "RecordList",
+    "StatsList",
     "bar",
+    "call_sizes",
     "cst",
     "format_bill",
     "format_quota",
     "money",
+    "plot",
+    "record_to_dict",
+    "render",
     "state",
     "status_html",
     "status_text",
@@ -32,6 +44,69 @@ __all__ = [
 ]
 
 CST = timezone(timedelta(hours=8), "CST")
+
+# The columns of a record as plain data (`record_to_dict`, exports, data frames).
+RECORD_FIELDS = (
+    "id",
+    "time",
+    "account",
+    "user",
+    "workspace",
+    "model",
+    "kind",
+    "request_id",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "thinking",
+    "free_tokens",
+    "billable_input_tokens",
+    "billable_output_tokens",
+    "cost",
+    "currency",
+    "cost_type",
+    "in_doubt",
+)
+
+# How many rows a list view shows: the first HEAD and the last TAIL, then a count.
+HEAD, TAIL = 20, 5
+
+GREEN, AMBER, RED, GREY = "#5cb85c", "#f0ad4e", "#d9534f", "#999"
+
+
+class _Guard(Protocol):
+    """The part of ``QuotaGuard`` the views read."""
+
+    @property
+    def account(self) -> str: ...
+    @property
+    def region(self) -> str: ...
+    @property
+    def ledger(self) -> str: ...
+    @property
+    def currency(self) -> str: ...
+    @property
+    def balance(self) -> Decimal | None: ...
+    @property
+    def overdue(self) -> bool: ...
+    @property
+    def blocked(self) -> str | None: ...
+    def quotas(self) -> list[Quota]: ...
+    def forecasts(self) -> list[Forecast]: ...
+    def model_info(self, model: str) -> dict[str, Any]: ...
+    def input_bound(
+        self,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        prompt: str | None = None,
+        input: str | list[str] | None = None,
+        extra_tokens: int | None = None,
+    ) -> int: ...
+    def records(self, model: str | None = None) -> list[UsageRecord]: ...
+    def now(self) -> datetime: ...
+
+
+# ---------------------------------------------------------------------- pieces
 
 
 def cst(dt: datetime) -> str:
@@ -45,41 +120,184 @@ def bar(fraction: float, width: int = 20) -> str:
     return "█" * full + "░" * (width - full)
 
 
-def state(q: Quota) -> str:
-    """A quota's state in one word or two: active, free only, used up, expired, no free quota."""
+def percent(fraction: float) -> str:
+    """A share as a percentage: one decimal, never 0.0% for something nor 100.0% for less."""
+    if 0 < fraction < 0.001:
+        return "<0.1%"
+    if 0.999 < fraction < 1:
+        return ">99.9%"
+    return f"{100 * fraction:.1f}%"
+
+
+def money(amount: Decimal) -> str:
+    """An exact amount: two decimals unless it has more (never rounded away)."""
+    cents = amount.quantize(Decimal("0.01"))
+    if cents == amount:
+        return f"{cents:,.2f}"
+    return f"{amount.normalize():,f}"
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _code(value: object) -> str:
+    return f"<code>{_e(value)}</code>"
+
+
+def _html_table(
+    head: Sequence[str], rows: Sequence[Sequence[str]], right: Iterable[int] = ()
+) -> str:
+    """An HTML table; ``rows`` are already escaped HTML; columns in ``right`` flush right."""
+    flush = set(right)
+
+    def cell(tag: str, i: int, body: str) -> str:
+        style = " style='text-align:right'" if i in flush else ""
+        return f"<{tag}{style}>{body}</{tag}>"
+
+    thead = "".join(cell("th", i, _e(h)) for i, h in enumerate(head))
+    tbody = "".join(
+        "<tr>" + "".join(cell("td", i, c) for i, c in enumerate(r)) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>"
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> list[str]:
+    """Rows under a header; the first ``left`` columns flush left, the rest right."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    return [
+        "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [head, *rows]
+    ]
+
+
+def _shown(n: int) -> tuple[range, range]:
+    """Which of ``n`` rows a list view shows: all, or the first HEAD and the last TAIL."""
+    if n <= HEAD + TAIL:
+        return range(n), range(0)
+    return range(HEAD), range(n - TAIL, n)
+
+
+def tier_label(up_to: int | None, previous: int | None) -> str:
+    def k(n: int) -> str:  # K = 1,000 tokens, as the pricing page says
+        return f"{n // 1000:,}K" if n % 1000 == 0 else f"{n:,}"
+
+    if up_to is None:
+        return "flat" if previous is None else f"> {k(previous)}"
+    return f"<= {k(up_to)}"
+
+
+# ---------------------------------------------------------------------- quota state
+
+# The smallest chat request there is: an empty system message and an empty user message.
+_SMALLEST_CHAT = [{"role": "system", "content": ""}, {"role": "user", "content": ""}]
+
+
+def call_sizes(guard: _Guard, model: str) -> tuple[int, int]:
+    """What the smallest call to ``model`` and a call left at its defaults reserve (R8).
+
+    The smallest call: the input bound of the smallest request (chat: an empty system and
+    an empty user message, with their framing; an embedding model: one token) plus one
+    output token (and one of reasoning for a model that always thinks). A call at its
+    defaults: one user message without a system message (so the default one is counted)
+    plus the model's default output, and its longest reasoning when it thinks by default.
+    A model whose free quota is below the first refuses (under Free Quota Only) or bills
+    every call; one below the second refuses every call that does not set a smaller
+    ``max_tokens``."""
+    info = guard.model_info(model)
+    if info["max_output_tokens"] == 0:  # an embedding model: input only
+        return 1, 1
+    thinking = info["thinking"]
+    smallest = guard.input_bound(messages=_SMALLEST_CHAT) + 1 + (thinking == "always")
+    default = guard.input_bound(messages=[{"role": "user", "content": ""}])
+    default += info["default_max_output_tokens"]
+    if thinking in ("default", "always"):
+        default += info["max_reasoning_tokens"]
+    return smallest, max(default, smallest)
+
+
+def state(q: Quota, sizes: tuple[int, int] | None = None) -> str:
+    """A quota's state in a few words.
+
+    ``expired``, ``no free quota``, ``used up``; with ``sizes`` (see :func:`call_sizes`)
+    also ``too low for a call`` (what is left cannot cover the smallest call) and ``too
+    low for a default call``; else ``active``. Free Quota Only adds ``free only``: the
+    state alone when the quota is healthy, after a comma otherwise."""
     if q.expired:
         return "expired"
     if q.total == 0:
         return "no free quota"
     if q.remaining == 0:
-        return "used up"
-    return "free only" if q.free_only else "active"
+        level = "used up"
+    elif sizes is not None and q.remaining < sizes[0]:
+        level = "too low for a call"
+    elif sizes is not None and q.remaining < sizes[1]:
+        level = "too low for a default call"
+    else:
+        return "free only" if q.free_only else "active"
+    return f"{level}, free only" if q.free_only else level
 
 
-def status_text(guard: QuotaGuard) -> str:
-    quotas = guard.quotas()
-    head = f"quotaguard · account {guard.account!r} · {guard.region} · ledger {guard.ledger}"
-    if not quotas:
-        return head + "\n(no free quota granted yet: guard.grant(model) or `quotaguard grant`)"
-    width = max(len(q.model) for q in quotas)
-    lines = [head]
-    for q in quotas:
-        lines.append(
-            f"{q.model:<{width}}  {q.console:>21}  {bar(q.fraction_left)}  "
-            f"expires {cst(q.expires_at)}  {state(q)}"
-            + (f"  ({q.reserved:,} reserved)" if q.reserved else "")
-        )
-    blocked = guard.blocked
-    if blocked is not None:
-        lines.append(f"BLOCKED: every call is refused ({blocked}); `quotaguard unblock` lifts it")
-    overdue = guard.overdue
-    balance = guard.balance
-    if balance is not None or overdue:
-        money = (
-            f"balance {balance} {guard.currency}" if balance is not None else "balance untracked"
-        )
-        lines.append(money + ("  OVERDUE: every call is refused" if overdue else ""))
-    return "\n".join(lines)
+def _color(q: Quota, st: str) -> str:
+    if st in ("active", "free only"):
+        left = q.fraction_left
+        return RED if left <= 0.2 else (AMBER if left <= 0.5 else GREEN)
+    return GREY if st in ("expired", "no free quota") else RED
+
+
+def format_quota(q: Quota, width: int = 0, sizes: tuple[int, int] | None = None) -> str:
+    """One model as the console shows it, and more:
+    ``qwen-max  362,917/1,000,000  ███████░░░  36.3% left  637,083 used  expires ... CST  active``.
+    """
+    reserved = f"  {q.reserved:,} reserved" if q.reserved else ""
+    return (
+        f"{q.model:<{width}}  {q.console:>21}  {bar(q.fraction_left)}  "
+        f"{percent(q.fraction_left):>6} left  {q.used:>9,} used{reserved}  "
+        f"expires {cst(q.expires_at)}  {state(q, sizes)}"
+    )
+
+
+def _quota_repr(q: Quota) -> str:
+    reserved = f", {q.reserved:,} reserved" if q.reserved else ""
+    return (
+        f"<Quota {q.model} {q.console} ({percent(q.fraction_left)} left, {q.used:,} used"
+        f"{reserved}), expires {cst(q.expires_at)}, {state(q)}>"
+    )
+
+
+def _bar_html(q: Quota, st: str) -> str:
+    pct = 100.0 * q.fraction_left
+    return (
+        "<div style='width:180px;background:#eee;border-radius:3px'>"
+        f"<div style='width:{pct:.1f}%;min-width:{2 if q.remaining else 0}px;"
+        f"background:{_color(q, st)};height:12px;border-radius:3px'></div></div>"
+    )
+
+
+QUOTA_HEAD = ["model", "remaining/total", "", "left", "used", "reserved", "expires", "state"]
+
+
+def _quota_cells(q: Quota, st: str) -> list[str]:
+    return [
+        _code(q.model),
+        _e(q.console),
+        _bar_html(q, st),
+        _e(percent(q.fraction_left)),
+        f"{q.used:,}",
+        f"{q.reserved:,}",
+        _e(cst(q.expires_at)),
+        _e(st),
+    ]
+
+
+def _quota_html(q: Quota) -> str:
+    return _html_table(QUOTA_HEAD, [_quota_cells(q, state(q))], right=(1, 3, 4, 5))
+
+
+# ---------------------------------------------------------------------- the guard
 
 
 def _outlook(f: Forecast) -> str:
@@ -93,108 +311,521 @@ def _outlook(f: Forecast) -> str:
     return f"{f.unused_at_expiry:,} will expire unused"
 
 
-def status_html(guard: QuotaGuard) -> str:
-    """A table with one bar per model and its forecast, for Jupyter."""
-    rows = []
+def _money_line(guard: _Guard) -> str | None:
+    """The balance when tracked, and whether the account is overdue (R7)."""
+    balance, overdue = guard.balance, guard.overdue
+    if balance is None and not overdue:
+        return None
+    parts = [
+        "balance untracked" if balance is None else f"balance {money(balance)} {guard.currency}"
+    ]
+    if overdue:
+        parts.append("OVERDUE: every call is refused")
+    return " · ".join(parts)
+
+
+def status_text(guard: _Guard) -> str:
+    """The guard as text: a heading, one line per model (see :func:`format_quota`), then
+    the kill switch and the balance when they apply."""
+    quotas = guard.quotas()
+    head = f"quotaguard · account {guard.account!r} · {guard.region} · ledger {guard.ledger}"
+    if not quotas:
+        lines = [head, "(no free quota granted yet: guard.grant(model) or `quotaguard grant`)"]
+    else:
+        width = max(len(q.model) for q in quotas)
+        lines = [head, *(format_quota(q, width, call_sizes(guard, q.model)) for q in quotas)]
+    blocked = guard.blocked
+    if blocked is not None:
+        lines.append(f"BLOCKED: every call is refused ({blocked}); `quotaguard unblock` lifts it")
+    money_line = _money_line(guard)
+    if money_line is not None:
+        lines.append(money_line)
+    return "\n".join(lines)
+
+
+def status_html(guard: _Guard) -> str:
+    """The guard as a table for Jupyter: per model its figure, a bar, % left, used,
+    reserved, expiry (CST), state and forecast; the kill switch and the balance."""
     forecasts = {f.model: f for f in guard.forecasts()}
+    rows = []
     for q in guard.quotas():
-        pct = 100.0 * q.fraction_left
-        color = "#d9534f" if pct <= 20 else ("#f0ad4e" if pct <= 50 else "#5cb85c")
+        st = state(q, call_sizes(guard, q.model))
         f = forecasts.get(q.model)
-        outlook = "" if f is None else _outlook(f)
-        rows.append(
-            "<tr>"
-            f"<td><code>{html.escape(q.model)}</code></td>"
-            f"<td style='text-align:right'>{html.escape(q.console)}</td>"
-            "<td><div style='width:180px;background:#eee;border-radius:3px'>"
-            f"<div style='width:{pct:.1f}%;background:{color};height:12px;border-radius:3px'>"
-            "</div></div></td>"
-            f"<td>{html.escape(cst(q.expires_at))}</td>"
-            f"<td>{html.escape(state(q))}</td>"
-            f"<td>{html.escape(outlook)}</td>"
-            "</tr>"
-        )
-    body = "".join(rows) or "<tr><td colspan=6>no free quota granted yet</td></tr>"
+        rows.append([*_quota_cells(q, st), _e("" if f is None else _outlook(f))])
+    if not rows:
+        rows.append(["no free quota granted yet", *[""] * len(QUOTA_HEAD)])
     blocked = guard.blocked
     banner = (
-        ""
-        if blocked is None
-        else f"<div style='color:#d9534f'><b>blocked</b>: {html.escape(blocked)}</div>"
+        "" if blocked is None else f"<div style='color:{RED}'><b>blocked</b>: {_e(blocked)}</div>"
     )
+    money_line = _money_line(guard)
+    foot = "" if money_line is None else f"<div>{_e(money_line)}</div>"
     return (
-        f"<div><b>quotaguard</b> · account <code>{html.escape(guard.account)}</code> · "
-        f"{html.escape(guard.region)}{banner}"
-        "<table><thead><tr><th>model</th><th>remaining/total</th><th></th>"
-        "<th>expires</th><th>state</th><th>at the last 24 h's rate</th></tr></thead>"
-        f"<tbody>{body}</tbody></table></div>"
+        f"<div><b>quotaguard</b> · account {_code(guard.account)} · {_e(guard.region)}"
+        f"{banner}"
+        + _html_table([*QUOTA_HEAD, "at the last 24 h's rate"], rows, right=(1, 3, 4, 5))
+        + f"{foot}</div>"
     )
 
 
-# ---------------------------------------------------------------------- text
+# ---------------------------------------------------------------------- bills
 
 
-def money(amount: Decimal) -> str:
-    """An exact amount: two decimals unless it has more (never rounded away)."""
-    cents = amount.quantize(Decimal("0.01"))
-    if cents == amount:
-        return f"{cents:,.2f}"
-    return f"{amount.normalize():,f}"
+BILL_HEAD = ["model", "calls", "free tokens", "billable tokens", "cost"]
 
 
-def format_quota(q: Quota, width: int = 0) -> str:
-    """One model as the console shows it: ``qwen-max  362,917/1,000,000  ███░░  expires ...``."""
-    return (
-        f"{q.model:<{width}}  {q.console:>21}  {bar(q.fraction_left)}  "
-        f"expires {cst(q.expires_at)}  {state(q)}"
-        + (f"  ({q.reserved:,} reserved)" if q.reserved else "")
-    )
+def _bill_rows(bill: Bill) -> list[list[str]]:
+    return [
+        [
+            line.model,
+            f"{line.calls:,}",
+            f"{line.free_tokens:,}",
+            f"{line.billable_tokens:,}",
+            money(line.cost),
+        ]
+        for line in bill.lines
+    ]
 
 
 def format_bill(bill: Bill, account: str | None = None) -> str:
-    """A bill as a table: per model the free tokens deducted, the billable tokens, the cost."""
+    """A bill as a table: a heading, a header row, per model the calls, the free tokens
+    deducted, the billable tokens and the cost, then the total and the charged models."""
     who = f", account {account!r}" if account is not None else ""
-    head = f"Bill {bill.period} ({bill.currency}{who})"
-    lines = list(bill.lines)
-    width = max([len("model"), *(len(line.model) for line in lines)])
-    rows = [
-        head,
-        f"{'model':<{width}}  {'calls':>7}  {'free tokens':>13}  {'billable tokens':>15}  "
-        f"{'cost':>12}",
+    rows = _bill_rows(bill)
+    body = [*rows, ["total", "", "", "", money(bill.total)]]
+    lines = table(BILL_HEAD, body, left=1)
+    notes = [
+        f"{line.model}: {line.unpriced_calls:,} unpriced calls, not in the cost"
+        for line in bill.lines
+        if line.unpriced_calls
     ]
-    for line in lines:
-        note = f"  ({line.unpriced_calls:,} unpriced calls)" if line.unpriced_calls else ""
-        rows.append(
-            f"{line.model:<{width}}  {line.calls:>7,}  {line.free_tokens:>13,}  "
-            f"{line.billable_tokens:>15,}  {money(line.cost):>12}{note}"
-        )
-    if not lines:
-        rows.append("(no calls in this period)")
-    blank = " " * (7 + 2 + 13 + 2 + 15)
-    rows.append(f"{'total':<{width}}  {blank}  {money(bill.total):>12} {bill.currency}")
+    if not rows:
+        lines.insert(1, "(no calls in this period)")
+    lines[-1] += f" {bill.currency}"
     charged = ", ".join(bill.charged_models) or "none"
-    rows.append(f"models that incurred charges: {charged}")
-    return "\n".join(rows)
+    return "\n".join(
+        [
+            f"Bill {bill.period} ({bill.currency}{who})",
+            *lines,
+            *notes,
+            f"models that incurred charges: {charged}",
+        ]
+    )
 
 
-def tier_label(up_to: int | None, previous: int | None) -> str:
-    def k(n: int) -> str:  # K = 1,000 tokens, as the pricing page says
-        return f"{n // 1000:,}K" if n % 1000 == 0 else f"{n:,}"
+def _bill_html(bill: Bill) -> str:
+    rows = [[_code(r[0]), *(_e(c) for c in r[1:])] for r in _bill_rows(bill)]
+    rows.append(["<b>total</b>", "", "", "", f"<b>{_e(money(bill.total))}</b>"])
+    charged = ", ".join(bill.charged_models) or "none"
+    return (
+        f"<div><b>Bill {_e(bill.period)}</b> ({_e(bill.currency)})"
+        + _html_table([*BILL_HEAD[:4], f"cost ({bill.currency})"], rows, right=(1, 2, 3, 4))
+        + f"<div>models that incurred charges: {_e(charged)}</div></div>"
+    )
 
-    if up_to is None:
-        return "flat" if previous is None else f"> {k(previous)}"
-    return f"<= {k(up_to)}"
+
+def _bill_repr(bill: Bill) -> str:
+    charged = ", ".join(bill.charged_models) or "none"
+    models = len(bill.lines)
+    return (
+        f"<Bill {bill.period}: {money(bill.total)} {bill.currency}, "
+        f"{models} model{'s' * (models != 1)}, charged: {charged}>"
+    )
 
 
-def table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> list[str]:
-    """Rows under a header; the first ``left`` columns flush left, the rest right."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+def _bill_line_repr(line: BillLine) -> str:
+    return (
+        f"<BillLine {line.model}: {line.calls:,} calls, {line.free_tokens:,} free tokens, "
+        f"{line.billable_tokens:,} billable, {money(line.cost)} {line.currency}>"
+    )
+
+
+# ---------------------------------------------------------------------- records
+
+
+def record_to_dict(record: UsageRecord) -> dict[str, Any]:
+    """A record as plain data (``time`` an aware UTC datetime, ``cost`` a Decimal or None)."""
+    return {name: getattr(record, name) for name in RECORD_FIELDS}
+
+
+RECORD_HEAD = [
+    "time (CST)",
+    "user",
+    "model",
+    "kind",
+    "input",
+    "output",
+    "free",
+    "billable",
+    "cost",
+    "cost type",
+]
+
+
+def _cost(r: UsageRecord) -> str:
+    return "unpriced" if r.cost is None else money(r.cost)
+
+
+def _record_cells(r: UsageRecord) -> list[str]:
     return [
-        "  ".join(
-            c.ljust(w) if i < left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in [head, *rows]
+        r.time.astimezone(CST).strftime("%Y-%m-%d %H:%M:%S"),
+        r.user,
+        r.model,
+        r.kind,
+        f"{r.input_tokens:,}",
+        f"{r.output_tokens:,}",
+        f"{r.free_tokens:,}",
+        f"{r.billable_input_tokens + r.billable_output_tokens:,}",
+        _cost(r),
+        r.cost_type + (" (in doubt)" if r.in_doubt else ""),
     ]
+
+
+def _record_repr(r: UsageRecord) -> str:
+    doubt = ", in doubt" if r.in_doubt else ""
+    cost = _cost(r) + ("" if r.cost is None else f" {r.currency}")
+    return (
+        f"<UsageRecord {r.id} {cst(r.time)} {r.model} by {r.user}: "
+        f"{r.input_tokens:,} in, {r.output_tokens:,} out, {r.free_tokens:,} free, "
+        f"{cost} ({r.cost_type}{doubt})>"
+    )
+
+
+def _count(n: int, kind: str) -> str:
+    """``1 record``, ``2 records``: ``kind`` is the plural."""
+    return f"{n:,} {kind if n != 1 else kind[:-1]}"
+
+
+def _rows_text(
+    kind: str, items: Sequence[Any], head: list[str], cells: Callable[[Any], list[str]], left: int
+) -> str:
+    if not items:
+        return f"(no {kind})"
+    first, last = _shown(len(items))
+    rows = [cells(items[i]) for i in first]
+    if last:
+        rows.append(["…", *[""] * (len(head) - 1)])
+        rows += [cells(items[i]) for i in last]
+    lines = table(head, rows, left)
+    hidden = len(items) - len(first) - len(last)
+    note = f" ({hidden:,} not shown)" if hidden else ""
+    return "\n".join([_count(len(items), kind) + note, *lines])
+
+
+def _rows_html(
+    kind: str,
+    items: Sequence[Any],
+    head: list[str],
+    cells: Callable[[Any], list[str]],
+    right: Iterable[int],
+) -> str:
+    if not items:
+        return f"<div>no {_e(kind)}</div>"
+    first, last = _shown(len(items))
+    rows = [[_e(c) for c in cells(items[i])] for i in first]
+    if last:
+        rows.append(["…", *[""] * (len(head) - 1)])
+        rows += [[_e(c) for c in cells(items[i])] for i in last]
+    hidden = len(items) - len(first) - len(last)
+    note = f" ({hidden:,} not shown)" if hidden else ""
+    return f"<div><b>{_e(_count(len(items), kind))}</b>{note}{_html_table(head, rows, right)}</div>"
+
+
+class RecordList(list["UsageRecord"]):
+    """What ``guard.records()`` returns: a plain ``list`` of :class:`UsageRecord` that also
+    shows itself as a table (text and notebook) and turns into a data frame."""
+
+    @overload
+    def __getitem__(self, i: SupportsIndex) -> UsageRecord: ...
+    @overload
+    def __getitem__(self, i: slice) -> RecordList: ...
+    def __getitem__(self, i: SupportsIndex | slice) -> UsageRecord | RecordList:
+        if isinstance(i, slice):
+            return RecordList(super().__getitem__(i))
+        return super().__getitem__(i)
+
+    def __repr__(self) -> str:
+        return _rows_text("records", self, RECORD_HEAD, _record_cells, left=4)
+
+    __str__ = __repr__
+
+    def _repr_html_(self) -> str:
+        return _rows_html("records", self, RECORD_HEAD, _record_cells, right=range(4, 9))
+
+    def to_pandas(self, tz: str = "Asia/Shanghai", cost: str = "decimal") -> Any:
+        """The records as a ``pandas.DataFrame``: the columns of :func:`record_to_dict`,
+        ``id`` as text, ``time`` in ``tz`` (``"Asia/Shanghai"`` or ``"UTC"``), ``cost`` as
+        ``Decimal`` (``cost="decimal"``, exact) or ``float`` (``cost="float"``, NaN when
+        unpriced). Needs pandas (``pip install 'quotaguard[pandas]'``)."""
+        return records_frame(self, tz=tz, cost=cost)
+
+
+def records_frame(records: Iterable[UsageRecord], tz: str, cost: str) -> Any:
+    if tz not in ("Asia/Shanghai", "UTC"):
+        raise ValueError(f"tz must be 'Asia/Shanghai' or 'UTC', not {tz!r}")
+    if cost not in ("decimal", "float"):
+        raise ValueError(f"cost must be 'decimal' or 'float', not {cost!r}")
+    try:
+        import pandas as pd  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError as e:
+        raise ImportError(
+            "to_pandas() needs pandas: pip install 'quotaguard[pandas]' (or pandas)"
+        ) from e
+    rows = [record_to_dict(r) for r in records]
+    df = pd.DataFrame(rows, columns=list(RECORD_FIELDS))
+    df["id"] = df["id"].map(str).astype("string")
+    df["time"] = pd.to_datetime(df["time"], utc=True).dt.tz_convert(tz)
+    if cost == "float":
+        df["cost"] = pd.Series(
+            [float("nan") if c is None else float(c) for c in df["cost"]],
+            dtype="float64",
+            index=df.index,
+        )
+    else:
+        df["cost"] = pd.Series(list(df["cost"]), dtype=object, index=df.index)
+    return df
+
+
+# ---------------------------------------------------------------------- statistics
+
+STATS_HEAD = ["hour (CST)", "model", "calls", "refusals", "failures", "input", "output"]
+
+
+def _stats_cells(s: HourStats) -> list[str]:
+    return [
+        s.hour.astimezone(CST).strftime("%Y-%m-%d %H:00"),
+        s.model,
+        f"{s.calls:,}",
+        f"{s.refusals:,}",
+        f"{s.failures:,}",
+        f"{s.input_tokens:,}",
+        f"{s.output_tokens:,}",
+    ]
+
+
+def _stats_repr(s: HourStats) -> str:
+    return (
+        f"<HourStats {s.hour.astimezone(CST):%Y-%m-%d %H:00} CST {s.model}: {s.calls:,} calls, "
+        f"{s.refusals:,} refused, {s.failures:,} failed, {s.input_tokens:,} in, "
+        f"{s.output_tokens:,} out>"
+    )
+
+
+class StatsList(list["HourStats"]):
+    """What ``guard.stats()`` returns: a plain ``list`` of :class:`HourStats` that shows
+    itself as a table, hours in CST."""
+
+    @overload
+    def __getitem__(self, i: SupportsIndex) -> HourStats: ...
+    @overload
+    def __getitem__(self, i: slice) -> StatsList: ...
+    def __getitem__(self, i: SupportsIndex | slice) -> HourStats | StatsList:
+        if isinstance(i, slice):
+            return StatsList(super().__getitem__(i))
+        return super().__getitem__(i)
+
+    def __repr__(self) -> str:
+        return _rows_text("hours", self, STATS_HEAD, _stats_cells, left=2)
+
+    __str__ = __repr__
+
+    def _repr_html_(self) -> str:
+        return _rows_html("hours", self, STATS_HEAD, _stats_cells, right=range(2, 7))
+
+
+# ---------------------------------------------------------------------- the rest
+
+
+def _forecast_repr(f: Forecast) -> str:
+    outlook = _outlook(f) or ("no quota" if f.expires_at is None else "nothing left")
+    return (
+        f"<Forecast {f.model}: {f.remaining:,} left, {f.burn_per_hour:,.1f} an hour over "
+        f"{f.window_hours:g} h, {outlook}>"
+    )
+
+
+def _alert_text(a: Alert) -> str:
+    if a.kind == "daily_spend":
+        limit = a.threshold if isinstance(a.threshold, Decimal) else Decimal(0)
+        return (
+            f"daily spend alert: bill of {a.model or 'the account'} for {a.day or ''} was "
+            f"{money(a.amount or Decimal(0))} {a.currency}, above {money(limit)} {a.currency}"
+        )
+    model = a.model or ""
+    return f'{a.kind}: free quota of "{model}" at {a.remaining:,}/{a.total:,}'
+
+
+def _alert_repr(a: Alert) -> str:
+    return f"<Alert {_alert_text(a)} at {cst(a.time)}>"
+
+
+def budget_text(b: Budget) -> str:
+    """``<Budget 'eval': 1,200/10,000 tokens used, 8,800 left · 0.12/1.00 CNY spent>``."""
+    used, spent, left, cost_left = b._state()
+    name = "" if b.name is None else f" {b.name!r}"
+    parts = []
+    if b.tokens_limit is not None:
+        parts.append(f"{used:,}/{b.tokens_limit:,} tokens used, {left or 0:,} left")
+    else:
+        parts.append(f"{used:,} tokens used")
+    currency = b._guard.currency
+    if b.cost_limit is not None:
+        parts.append(
+            f"{money(spent)}/{money(b.cost_limit)} {currency} spent, "
+            f"{money(cost_left or Decimal(0))} left"
+        )
+    else:
+        parts.append(f"{money(spent)} {currency} spent")
+    return f"<Budget{name}: {' · '.join(parts)}>"
+
+
+def budget_html(b: Budget) -> str:
+    used, spent, left, cost_left = b._state()
+    currency = b._guard.currency
+    rows = []
+    if b.tokens_limit is not None:
+        frac = 0.0 if b.tokens_limit == 0 else (left or 0) / b.tokens_limit
+        rows.append(
+            ["tokens", f"{used:,}", f"{b.tokens_limit:,}", f"{left or 0:,}", _e(percent(frac))]
+        )
+    else:
+        rows.append(["tokens", f"{used:,}", "no limit", "", ""])
+    if b.cost_limit is not None:
+        frac = 0.0 if b.cost_limit == 0 else float((cost_left or 0) / b.cost_limit)
+        rows.append(
+            [
+                _e(f"cost ({currency})"),
+                _e(money(spent)),
+                _e(money(b.cost_limit)),
+                _e(money(cost_left or Decimal(0))),
+                _e(percent(frac)),
+            ]
+        )
+    else:
+        rows.append([_e(f"cost ({currency})"), _e(money(spent)), "no limit", "", ""])
+    name = "" if b.name is None else f" {_code(b.name)}"
+    return (
+        f"<div><b>Budget</b>{name}"
+        + _html_table(["", "used", "limit", "left", "% left"], rows, right=(1, 2, 3, 4))
+        + "</div>"
+    )
+
+
+def client_repr(
+    client: object,
+    wrapped: object,
+    guard: Any,
+    clip: bool = False,
+    max_input_tokens: int | None = None,
+    fallback: Sequence[str] = (),
+) -> str:
+    """A wrapped client: what it wraps, where it sends, which ledger guards it, and the
+    options that change its calls (never its API key)."""
+    what = type(wrapped)
+    name = (
+        getattr(wrapped, "__name__", "module")
+        if isinstance(wrapped, ModuleType)
+        else (f"{what.__module__.split('.')[0]}.{what.__name__}")
+    )
+    base = getattr(wrapped, "base_url", None)
+    parts = [name + ("" if base is None else f" at {base}")]
+    parts.append(f"account {guard.account!r}, ledger {guard.ledger}")
+    if clip:
+        parts.append("clip")
+    if max_input_tokens is not None:
+        parts.append(f"max_input_tokens {max_input_tokens:,}")
+    if fallback:
+        parts.append("fallback " + ", ".join(fallback))
+    return f"<{type(client).__name__}: {' · '.join(parts)}>"
+
+
+# ---------------------------------------------------------------------- dispatch
+
+_RENDERERS: dict[tuple[str, str], Callable[[Any], str]] = {
+    ("Quota", "repr"): _quota_repr,
+    ("Quota", "str"): format_quota,
+    ("Quota", "html"): _quota_html,
+    ("Bill", "repr"): _bill_repr,
+    ("Bill", "str"): format_bill,
+    ("Bill", "html"): _bill_html,
+    ("BillLine", "repr"): _bill_line_repr,
+    ("UsageRecord", "repr"): _record_repr,
+    ("UsageRecord", "html"): lambda r: _html_table(
+        RECORD_HEAD, [[_e(c) for c in _record_cells(r)]], right=range(4, 9)
+    ),
+    ("HourStats", "repr"): _stats_repr,
+    ("HourStats", "html"): lambda s: _html_table(
+        STATS_HEAD, [[_e(c) for c in _stats_cells(s)]], right=range(2, 7)
+    ),
+    ("Forecast", "repr"): _forecast_repr,
+    ("Alert", "repr"): _alert_repr,
+    ("Alert", "str"): _alert_text,
+}
+
+
+def render(obj: object, how: str) -> str:
+    """``obj`` (an object of the core) as ``how`` says: ``"repr"``, ``"str"`` or ``"html"``.
+    The compiled core's ``__repr__``, ``__str__`` and ``_repr_html_`` call this."""
+    try:
+        renderer = _RENDERERS[type(obj).__name__, how]
+    except KeyError:
+        raise ValueError(f"no {how!r} view of {type(obj).__name__}") from None
+    return renderer(obj)
+
+
+# ---------------------------------------------------------------------- plot
+
+
+def plot(guard: _Guard, model: str | None = None) -> Any:
+    """Free tokens remaining over time, one line per model, with each quota's expiry as
+    a dashed vertical line; times in CST. Returns a ``matplotlib.figure.Figure``."""
+    try:
+        from matplotlib import dates
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(
+            "plot() needs matplotlib: pip install 'quotaguard[plot]' (or matplotlib)"
+        ) from e
+    quotas = guard.quotas()
+    if model is not None:
+        quotas = [q for q in quotas if q.model == model]
+        if not quotas:
+            raise ValueError(f"model {model!r} has no free quota granted: nothing to plot")
+    fig = Figure(figsize=(8, 3.5), layout="constrained")
+    ax: Any = fig.add_subplot()  # matplotlib's stubs do not take datetimes
+    now = guard.now()
+    for q in quotas:
+        times, left = [q.activated_at], [q.total]
+        used = 0
+        for r in sorted(guard.records(q.model), key=lambda r: r.time):
+            if r.time < q.activated_at or r.free_tokens == 0:
+                continue
+            used += r.free_tokens
+            times.append(r.time)
+            left.append(max(q.total - used, 0))
+        end = min(now, q.expires_at) if q.expires_at > q.activated_at else now
+        times.append(max(end, times[-1]))
+        left.append(q.remaining)
+        (line,) = ax.step(times, left, where="post", label=q.model)
+        ax.axvline(
+            q.expires_at,
+            color=line.get_color(),
+            linestyle="--",
+            linewidth=1,
+            label=f"{q.model} expires {cst(q.expires_at)}",
+        )
+    ax.set_ylabel("free tokens remaining")
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(lambda y, _pos: f"{y:,.0f}")
+    ax.xaxis.set_major_formatter(cast(Any, dates).DateFormatter("%m-%d %H:%M", tz=CST))
+    ax.set_xlabel("time (CST)")
+    title = f"{model}: free quota" if model is not None else "free quota by model"
+    ax.set_title(f"{title} · account {guard.account}")
+    if quotas:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no free quota granted yet", ha="center", transform=ax.transAxes)
+    return fig
 
 
 # ---- terminal
@@ -213,9 +844,8 @@ import sqlite3  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 import unicodedata  # noqa: E402
-from collections.abc import Callable, Iterable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import IO, Any  # noqa: E402
+from typing import IO  # noqa: E402
 
 if TYPE_CHECKING:
     from ._core import HourStats

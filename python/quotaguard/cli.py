@@ -324,14 +324,14 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_records(args: argparse.Namespace) -> int:
-    from .guard import RECORD_FIELDS, record_to_dict
+    from ._format import RECORD_FIELDS, record_to_dict
 
     if _json(args) and args.csv:
         raise UsageError("give --json or --csv, not both")
     guard = _guard(args)
     records = guard.records(**_filters(args))
     if args.limit is not None:
-        records = records[-args.limit :] if args.limit else []  # the most recent ones
+        records = records[-args.limit :] if args.limit else records[:0]  # the most recent ones
     if _json(args):
         _print_json([record_to_dict(r) for r in records])
         return 0
@@ -616,7 +616,7 @@ def _export_format(path: str) -> str:
 def _not_ours(target: Path, fmt: str) -> str | None:
     """Why an existing file is not an export of records (``None`` when it is one, or
     empty): the command overwrites only what it wrote."""
-    from .guard import RECORD_FIELDS
+    from ._format import RECORD_FIELDS
 
     fields = set(RECORD_FIELDS)
 

@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
+from ._format import client_repr
 from .exceptions import UnguardedWarning
 from .wrap import (
     Guard,
@@ -733,7 +734,10 @@ class GuardedOpenAI(_Resource):
         await self._original.__aexit__(*exc_info)
 
     def __repr__(self) -> str:
-        return f"<guarded {self._original!r}>"
+        o = self._options
+        return client_repr(
+            self, self._original, self._guard, o.clip, o.max_input_tokens, o.fallback
+        )
 
 
 def wrap_openai(
@@ -1092,6 +1096,11 @@ class GuardedDashScope(_Proxy):
         app = getattr(module, "Application", None)
         if app is not None:
             self.Application = _Application(app, guard, Options(max_input_tokens=max_input_tokens))
+
+    def __repr__(self) -> str:
+        return client_repr(
+            self, self._target, self._guard, self._clip, self._max_input_tokens, self._fallback
+        )
 
     def __getattr__(self, name: str) -> Any:
         value = super().__getattr__(name)

@@ -16,8 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
-from . import _core
-from ._core import Alert, UsageRecord
+from . import _core, _format
+from ._core import Alert, HourStats
+from ._format import RECORD_FIELDS, RecordList, StatsList, record_to_dict
 from .exceptions import AccountOverdue, FreeTierOnly
 
 if TYPE_CHECKING:
@@ -46,33 +47,6 @@ DEPLETED_CODES = frozenset(
 )
 OVERDUE_CODES = frozenset({"Arrearage", "PrepaidBillOverdue", "PostpaidBillOverdue"})
 AlertCallback = Callable[[Alert], object]
-
-RECORD_FIELDS = (
-    "id",
-    "time",
-    "account",
-    "user",
-    "workspace",
-    "model",
-    "kind",
-    "request_id",
-    "input_tokens",
-    "output_tokens",
-    "cached_tokens",
-    "thinking",
-    "free_tokens",
-    "billable_input_tokens",
-    "billable_output_tokens",
-    "cost",
-    "currency",
-    "cost_type",
-    "in_doubt",
-)
-
-
-def record_to_dict(record: UsageRecord) -> dict[str, Any]:
-    """A record as plain data (``time`` an aware UTC datetime, ``cost`` a Decimal or None)."""
-    return {name: getattr(record, name) for name in RECORD_FIELDS}
 
 
 def _sink(ref: weakref.ref[QuotaGuard]) -> Callable[[list[Alert]], None]:
@@ -302,28 +276,48 @@ class QuotaGuard(_core.QuotaGuard):
             )
         return len(rows)
 
-    def to_pandas(self, **filters: Any) -> Any:
-        """Records as a ``pandas.DataFrame`` (needs pandas)."""
-        try:
-            import pandas as pd  # type: ignore[import-not-found,import-untyped,unused-ignore]
-        except ImportError as e:
-            raise ImportError("to_pandas() needs pandas: pip install pandas") from e
-        return pd.DataFrame(
-            [record_to_dict(r) for r in self.records(**filters)], columns=list(RECORD_FIELDS)
-        )
+    def to_pandas(self, tz: str = "Asia/Shanghai", cost: str = "decimal", **filters: Any) -> Any:
+        """Records as a ``pandas.DataFrame`` (needs pandas): ``id`` as text, ``time`` in
+        ``tz`` (``"Asia/Shanghai"`` or ``"UTC"``), ``cost`` as ``Decimal`` or, with
+        ``cost="float"``, ``float``. Filters as for :meth:`records`."""
+        return self.records(**filters).to_pandas(tz=tz, cost=cost)
 
     # ---- display ------------------------------------------------------------
+    # Thin: how things look is in _format.
 
     def status(self) -> str:
-        """Each model's remaining quota as the console writes it, with its expiry (CST)."""
-        from ._format import status_text
-
-        return status_text(self)
+        """Each model's remaining quota as the console writes it, % left, used, reserved,
+        expiry (CST) and state; then the kill switch and the balance when they apply."""
+        return _format.status_text(self)
 
     def _repr_html_(self) -> str:
-        from ._format import status_html
+        return _format.status_html(self)
 
-        return status_html(self)
+    def records(
+        self,
+        model: str | None = None,
+        user: str | None = None,
+        since: Any = None,
+        until: Any = None,
+        *,
+        workspace: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+    ) -> RecordList:
+        """R11: the usage records, oldest first, as a list that also shows itself as a
+        table and has ``to_pandas()``."""
+        return RecordList(
+            super().records(model, user, since, until, workspace=workspace, kind=kind, limit=limit)
+        )
+
+    def stats(self, model: str | None = None, since: Any = None) -> list[HourStats]:
+        """R14: calls per model per hour, as a list that shows itself as a table."""
+        return StatsList(super().stats(model, since))
+
+    def plot(self, model: str | None = None) -> Any:
+        """A matplotlib figure of the free tokens remaining over time, with each quota's
+        expiry (needs matplotlib: ``pip install 'quotaguard[plot]'``)."""
+        return _format.plot(self, model)
 
 
 def _plain(value: Any) -> Any:
@@ -419,7 +413,7 @@ class Budget:
         return self._state()[3]
 
     def __repr__(self) -> str:
-        return (
-            f"Budget(name={self.name!r}, tokens={self.tokens_limit}, cost={self.cost_limit}, "
-            f"used={self.used}, spent={self.cost})"
-        )
+        return _format.budget_text(self)
+
+    def _repr_html_(self) -> str:
+        return _format.budget_html(self)
