@@ -332,7 +332,7 @@ def test_a_cell_budget_stops_the_cell_and_shows_its_summary(
         """
     )
     result, captured = _captured(shell, cell)
-    assert isinstance(result.error_in_exec, qg.BudgetExceeded)
+    assert isinstance(result.error_in_exec, qg.BudgetExceeded)  # the cell fails
     sent = len(shell.user_ns["sent"])
     usage = server.usage_log
     assert 0 < sent < 10 and len(usage) == sent
@@ -360,3 +360,20 @@ def test_cell_budget_options_are_checked(shell: Any, live_guard: qg.QuotaGuard) 
         shell.run_cell_magic("quota", "cost=-1", "pass")
     with pytest.raises(UsageError, match="'nothing' in the namespace"):
         shell.run_cell_magic("quota", "guard=nothing", "pass")
+
+
+def test_a_cell_within_its_budget_runs_in_the_namespace(
+    shell: Any, live_guard: qg.QuotaGuard, server: FakeDashScope
+) -> None:
+    shell.run_line_magic("load_ext", "quotaguard")
+    shell.user_ns.update(guard=live_guard, client=_client(live_guard, server))
+    cell = '%%quota tokens=1000\nreply = client.chat.completions.create(model="qwen-plus", '
+    cell += 'messages=[{"role": "user", "content": "hi"}], max_tokens=40)\n'
+    result, captured = _captured(shell, cell)
+    assert result.success
+    reply = shell.user_ns["reply"]
+    used = reply.usage.prompt_tokens + reply.usage.completion_tokens
+    [summary] = captured.outputs
+    assert summary.data["text/plain"] == (
+        f"cell budget: used {used:,} tokens of 1,000 ({1000 - used:,} left), spent 0.00 CNY"
+    )

@@ -5,7 +5,8 @@
 ``%%quota [guard=GUARD] [tokens=N] [cost=X] [name=LABEL]``
     Runs the cell inside ``guard.budget(tokens=N, cost=X, name=LABEL)``: a call that
     does not fit what the budget has left raises ``BudgetExceeded`` before it is sent.
-    When the cell ends, however it ends, a summary shows what it used and spent.
+    When the cell ends, however it ends, a summary shows what it used and spent; a
+    cell that raised (``BudgetExceeded`` included) then fails as any cell does.
 
 GUARD names a ``QuotaGuard`` in the namespace. Without it the magics use the one
 ``QuotaGuard`` the namespace holds; with none, a guard on the default ledger
@@ -171,10 +172,15 @@ def _quota_magic(ipython: Any) -> Any:
             budget = guard.budget(tokens=tokens, cost=options.get("cost"), name=options.get("name"))
         except (ValueError, TypeError) as e:
             raise _usage_error(f"%%quota: {e}") from None
-        with budget:
-            result = ipython.run_cell(cell)
-        error = getattr(result, "error_in_exec", None)
-        refused = error if isinstance(error, BudgetExceeded) else None
-        display(CellBudget(budget, guard.currency, refused))
+        code = compile(ipython.transform_cell(cell), "<%%quota cell>", "exec")
+        refused: BudgetExceeded | None = None
+        try:
+            with budget:
+                exec(code, ipython.user_global_ns, ipython.user_ns)
+        except BudgetExceeded as e:
+            refused = e
+            raise
+        finally:  # the summary shows however the cell ends; an error then shows as usual
+            display(CellBudget(budget, guard.currency, refused))
 
     return quota
