@@ -74,11 +74,11 @@ class Progress:
         ]
         if self.failures:
             parts.insert(3, f"{self.failures:,} failed")
-        bars = [f"{q.model} {q.console} {bar(q.fraction_left, 10)}" for q in self.quotas]
+        bars = [_quota_text(q, bars=True) for q in self.quotas]
         line = " · ".join(parts + bars)
         if width is None or len(line) <= width:
             return line
-        line = " · ".join(parts + [f"{q.model} {q.console}" for q in self.quotas])
+        line = " · ".join(parts + [_quota_text(q, bars=False) for q in self.quotas])
         return line if len(line) <= width else line[: max(1, width - 1)] + "…"
 
     def _repr_html_(self) -> str:
@@ -86,6 +86,12 @@ class Progress:
 
     def __repr__(self) -> str:
         return self.text()
+
+
+def _quota_text(q: Quota, *, bars: bool) -> str:
+    if q.total == 0:
+        return f"{q.model} {state(q)}"
+    return f"{q.model} {q.console}" + (f" {bar(q.fraction_left, 10)}" if bars else "")
 
 
 def progress_html(p: Progress) -> str:
@@ -100,6 +106,12 @@ def progress_html(p: Progress) -> str:
     )
     rows = []
     for q in p.quotas:
+        if q.total == 0:  # no free quota: every call is paid for, or refused
+            rows.append(
+                f"<tr><td><code>{html.escape(q.model)}</code></td><td></td><td></td>"
+                f"<td>{html.escape(state(q))}</td></tr>"
+            )
+            continue
         pct = 100.0 * q.fraction_left
         color = "#d9534f" if pct <= 20 else ("#f0ad4e" if pct <= 50 else "#5cb85c")
         rows.append(
@@ -113,11 +125,7 @@ def progress_html(p: Progress) -> str:
             "</tr>"
         )
     table = f"<table class='quotaguard-live'>{''.join(rows)}</table>" if rows else ""
-    return (
-        f"<div class='quotaguard-live'>{head}{figures}{done}{table}</div>"
-        if rows or not p.finished
-        else f"<div class='quotaguard-live'>{head}{figures}</div>"
-    )
+    return f"<div class='quotaguard-live'>{head}{figures}{done}{table}</div>"
 
 
 def _item_bar(done: int, total: int) -> str:
@@ -189,7 +197,7 @@ class _Reader:
                 p.spend += r.cost
             self._records_since = max(self._records_since, r.time)
         quotas = {q.model: q for q in self.guard.quotas()}
-        p.quotas = [quotas[m] for m in sorted(delta) if m in quotas]
+        p.quotas = [quotas.get(m) or self.guard.quota(m) for m in sorted(delta)]
         return True
 
 
