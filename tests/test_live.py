@@ -377,3 +377,13 @@ def test_a_cell_within_its_budget_runs_in_the_namespace(
     assert summary.data["text/plain"] == (
         f"cell budget: used {used:,} tokens of 1,000 ({1000 - used:,} left), spent 0.00 CNY"
     )
+
+
+def test_without_a_guard_the_magic_reads_the_default_ledger(
+    shell: Any, isolated_home: Path
+) -> None:
+    shell.run_line_magic("load_ext", "quotaguard")
+    result, captured = _captured(shell, "%quota")
+    assert result.success
+    assert "no free quota granted yet" in captured.outputs[0].data["text/html"]
+    assert (isolated_home / ".quotaguard" / "ledger.db").exists()

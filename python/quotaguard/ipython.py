@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import html
 import importlib
-import os
 from decimal import Decimal
 from typing import Any
 
@@ -145,7 +144,7 @@ def _guard(ipython: Any, name: str | None) -> QuotaGuard:
     if found:
         names = ", ".join(sorted(key for key, _ in found.values()))
         raise _usage_error(f"several guards in the namespace ({names}): name one, e.g. %quota NAME")
-    return QuotaGuard(os.environ.get("QUOTAGUARD_LEDGER") or None)
+    return QuotaGuard()  # $QUOTAGUARD_LEDGER, else ~/.quotaguard/ledger.db
 
 
 def _quota_magic(ipython: Any) -> Any:
