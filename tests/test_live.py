@@ -387,3 +387,25 @@ def test_without_a_guard_the_magic_reads_the_default_ledger(
     assert result.success
     assert "no free quota granted yet" in captured.outputs[0].data["text/html"]
     assert (isolated_home / ".quotaguard" / "ledger.db").exists()
+
+
+def test_a_broken_display_never_breaks_the_loop(
+    live_guard: qg.QuotaGuard,
+    server: FakeDashScope,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out = Tty()
+    monkeypatch.setattr(sys, "stdout", out)
+    client = _client(live_guard, server)
+    done = []
+    for n in live_guard.track(range(4)):
+        _ask(client)
+        done.append(n)
+        if n == 1:
+            out.close()  # the terminal goes away: writing raises ValueError
+    monkeypatch.undo()
+    assert done == [0, 1, 2, 3]
+    assert len(server.usage_log) == 4
+    warned = [r for r in caplog.records if "live view stopped updating" in r.getMessage()]
+    assert len(warned) == 1

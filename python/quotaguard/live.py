@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import html
 import importlib
+import logging
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from .guard import QuotaGuard
 
 __all__ = ["Progress", "track"]
+
+logger = logging.getLogger("quotaguard")
 
 T = TypeVar("T")
 
@@ -293,19 +296,63 @@ def track(guard: QuotaGuard, iterable: Iterable[T], desc: str | None = None) -> 
     return _track(guard, iter(iterable), desc, total)
 
 
+class _View:
+    """The reader and the display together. The view never breaks the loop: an error
+    while reading the ledger or showing (a ledger briefly out of reach, a closed
+    stream) is logged once and the view stops updating."""
+
+    def __init__(self, guard: QuotaGuard, desc: str | None, total: int | None) -> None:
+        self.progress = Progress(desc, total=total, currency=guard.currency)
+        self._reader: _Reader | None = None
+        self._out: _Display = _Nowhere()
+        self._safely(lambda: self._start(guard, desc, total))
+
+    def _start(self, guard: QuotaGuard, desc: str | None, total: int | None) -> None:
+        self._reader = _Reader(guard, desc, total)
+        self.progress = self._reader.progress
+        self._out = _display()
+        self._out.show(self.progress)
+
+    def _safely(self, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception:
+            logger.warning("the live view stopped updating; the loop goes on", exc_info=True)
+            self._reader, self._out = None, _Nowhere()
+
+    def step(self) -> None:
+        self.progress.done += 1
+
+    def update(self) -> None:
+        reader, out = self._reader, self._out
+        if reader is not None:
+
+            def refresh() -> None:
+                reader.read()
+                out.show(self.progress)
+
+            self._safely(refresh)
+
+    def close(self) -> None:
+        reader, out = self._reader, self._out
+        if reader is not None:
+            self.progress.finished = True
+
+            def finish() -> None:
+                reader.read()
+                out.close(self.progress)
+
+            self._safely(finish)
+
+
 def _track(
     guard: QuotaGuard, items: Iterator[T], desc: str | None, total: int | None
 ) -> Iterator[T]:
-    reader = _Reader(guard, desc, total)
-    out = _display()
-    out.show(reader.progress)
+    view = _View(guard, desc, total)
     try:
         for item in items:
-            reader.progress.done += 1  # taken: counted even if the loop stops inside it
+            view.step()  # taken: counted even if the loop stops inside it
             yield item
-            reader.read()
-            out.show(reader.progress)
+            view.update()
     finally:
-        reader.read()
-        reader.progress.finished = True
-        out.close(reader.progress)
+        view.close()
