@@ -521,10 +521,11 @@ def test_demo_runs_without_any_qwen_vocabulary(
     """A fresh `pip install .` has neither tiktoken nor dashscope: the demo still runs."""
     import quotaguard.testing as testing
     from quotaguard import _core
+    from quotaguard.testing import tokens
 
     path = _core.vocabulary_path()
-    monkeypatch.setattr(testing, "_load_qwen_counter", lambda: None)
-    monkeypatch.setattr(testing, "_counter", None)
+    monkeypatch.setattr(tokens, "_load_qwen_counter", lambda: None)
+    monkeypatch.setattr(tokens, "_counter", None)
     _core.set_vocabulary(None)
     try:
         assert main(["demo", "--no-openai", "--delay", "0"]) == 0
@@ -532,6 +533,6 @@ def test_demo_runs_without_any_qwen_vocabulary(
             assert server.token_counter_name == "utf8-bytes"
     finally:
         _core.set_vocabulary(path)
-        testing._counter = None
+        tokens._counter = None
     out = capsys.readouterr().out
     assert "AllocationQuota.FreeTierOnly" in out

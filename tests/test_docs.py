@@ -54,6 +54,9 @@ def _check_outputs(nb: dict[str, Any]) -> None:
 
     html = [_text(o["data"]["text/html"]) for o in outputs if "text/html" in o.get("data", {})]
     assert any("<table" in h and f"<code>{MODEL}</code>" in h for h in html), html
+    # guard.track's live view, as its last update left it, and a %%quota cell's summary.
+    assert any("quotaguard-live" in h and "12/12 items · <b>12</b> calls" in h for h in html)
+    assert any("quotaguard-budget" in h and "tokens of 800" in h for h in html), html
 
     printed = "".join(_text(o["text"]) for o in outputs if o["output_type"] == "stream")
     assert f'refused: free quota of "{MODEL}" exhausted' in printed, printed

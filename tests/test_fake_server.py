@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
+import json
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -18,24 +15,8 @@ dashscope = pytest.importorskip("dashscope")
 openai = pytest.importorskip("openai")
 requests = pytest.importorskip("requests")
 
-
-def _load_testing_module() -> ModuleType:
-    try:
-        import quotaguard.testing
-
-        return quotaguard.testing
-    except Exception:  # the package may be half-built while it is being developed
-        path = Path(__file__).resolve().parents[1] / "python" / "quotaguard" / "testing.py"
-        spec = importlib.util.spec_from_file_location("_quotaguard_testing", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
-qg_testing = _load_testing_module()
-FakeDashScope = qg_testing.FakeDashScope
+from quotaguard.testing import FakeDashScope  # noqa: E402
+from quotaguard.testing import tokens as qg_tokens  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -143,9 +124,9 @@ def test_default_system_message_fits_the_r8_bound(server: Any) -> None:
 
 
 def test_fallback_counter_is_utf8_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qg_testing, "_counter", None)
-    monkeypatch.setattr(qg_testing, "_load_qwen_counter", lambda: None)
-    monkeypatch.setattr(qg_testing, "_load_core_counter", lambda: None)
+    monkeypatch.setattr(qg_tokens, "_counter", None)
+    monkeypatch.setattr(qg_tokens, "_load_qwen_counter", lambda: None)
+    monkeypatch.setattr(qg_tokens, "_load_core_counter", lambda: None)
     with FakeDashScope() as server:
         assert server.token_counter_name == "utf8-bytes"
         assert server.count_tokens("héllo") == 6
@@ -441,8 +422,7 @@ def test_compat_files_and_batches(server: Any, client: Any) -> None:
     assert done.request_counts.total == done.request_counts.completed == 2
     assert done.output_file_id
     results = [
-        qg_testing.json.loads(line)
-        for line in client.files.content(done.output_file_id).text.splitlines()
+        json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()
     ]
     assert [r["custom_id"] for r in results] == ["a", "b"]
     assert results[0]["response"]["body"]["usage"]["completion_tokens"] == 3

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 from . import _core
 from ._core import (
@@ -89,6 +90,14 @@ def find_vocabulary() -> Path | None:
         return None
     candidate = Path(spec.origin).parent / "resources" / "qwen.tiktoken"
     return candidate if candidate.is_file() else None
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext quotaguard``: the ``%quota`` and ``%%quota`` magics
+    (see ``quotaguard.ipython``)."""
+    from .ipython import load_ipython_extension as load
+
+    load(ipython)
 
 
 _core.set_vocabulary(find_vocabulary())

@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from os import PathLike
 from pathlib import Path
@@ -39,6 +39,7 @@ if hasattr(os, "register_at_fork"):
     )
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 # Service answers that R12 turns into ledger updates: the model's free quota is gone,
 # or the account is overdue.
@@ -318,6 +319,16 @@ class QuotaGuard(_core.QuotaGuard):
         """A matplotlib figure of the free tokens remaining over time, with each quota's
         expiry (needs matplotlib: ``pip install 'quotaguard[plot]'``)."""
         return _format.plot(self, model)
+
+    # ---- live view ----------------------------------------------------------
+
+    def track(self, iterable: Iterable[T], desc: str | None = None) -> Iterator[T]:
+        """Yields the items of ``iterable`` and, at each step and at the end, updates one
+        live view of the calls, refusals, tokens, spend and quotas since the loop began:
+        a display in a notebook, one line on a terminal, nothing elsewhere."""
+        from .live import track
+
+        return track(self, iterable, desc)
 
 
 def _plain(value: Any) -> Any:
