@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -257,7 +258,7 @@ def _run(
     say.line()
     if refusal is not None:
         say.line(f"call {n:>3}  refused before sending: {refusal.code} (reason: {refusal.reason})")
-        say.line(f"  {refusal}")
+        say.line(textwrap.indent(str(refusal), "  "))
         verdict = "it never reached the server" if after == before else "IT WAS SENT"
         say.line(f"  server requests: {before} before the refused call, {after} after: {verdict}")
         say.line(
