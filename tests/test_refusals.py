@@ -190,7 +190,7 @@ def test_plain_traceback_starts_at_the_callers_line(tmp_path: Path, how: str) ->
     assert 'free quota of "qwen-max" exhausted' in traceback and "It was not sent" in traceback
     lines = traceback.splitlines()
     before_message = next(i for i, line in enumerate(lines) if line.startswith("quotaguard."))
-    limit = 12 if how == "async" else 8  # asyncio.run adds its own frames above the call
+    limit = 20 if how == "async" else 8  # asyncio.run adds its own frames above the call
     assert before_message <= limit, traceback
     if how == "decorator":  # the caller's frames are all there: outer() and the module
         assert [name for _, name in seen if name != "entry"] == ["<module>", "outer"]
