@@ -42,7 +42,7 @@ def free_only(remaining: str = "800/1,000,000", model: str = "qwen-max") -> qg.Q
 
 
 def test_exhausted_with_tokens_left_says_lower_max_tokens_clip_and_sync() -> None:
-    e = refused(lambda: free_only().reserve("qwen-max", 1_000, 200))
+    e = refused(lambda: free_only().reserve("qwen-max", 200, 1_000))
     assert (e.reason, e.model, e.remaining, e.requested) == ("exhausted", "qwen-max", 800, 1_200)
     text = str(e)
     assert "It was not sent" in text.splitlines()[0]
@@ -50,6 +50,10 @@ def test_exhausted_with_tokens_left_says_lower_max_tokens_clip_and_sync() -> Non
     assert 'guard.sync("qwen-max", "LEFT/TOTAL")' in text
     # R5: the switch cannot be turned off while free tokens remain: not offered as a fix.
     assert "set_free_only" not in text and "800 free tokens left are used up" in text
+    # An input that alone does not fit: a smaller output would not help.
+    text = str(refused(lambda: free_only().reserve("qwen-max", 1_000, 200)))
+    assert "clip=True" not in text
+    assert "shorten the input: its 1,000 tokens alone do not fit the 800 free tokens left" in text
 
 
 def test_exhausted_to_zero_offers_the_switch_not_clip() -> None:

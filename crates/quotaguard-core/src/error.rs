@@ -56,6 +56,8 @@ pub struct Refusal {
     /// What made an `Unbounded` call unbounded (`"enable_search"`), or the method an
     /// `Unguarded` refusal names (`"POST /audio/speech"`).
     pub detail: Option<String>,
+    /// The input part of `requested`, when known: whether a smaller output would fit.
+    pub input: Option<u64>,
 }
 
 impl Refusal {
@@ -137,7 +139,16 @@ impl Refusal {
             thousands(self.remaining)
         );
         let verify = "once the account is identity-verified, say so: QuotaGuard(verified=True)";
-        let fits_smaller = self.remaining > 0 && self.requested > self.remaining;
+        let input_fits = self.input.is_none_or(|i| i < self.remaining);
+        let fits_smaller = self.remaining > 0 && self.requested > self.remaining && input_fits;
+        let long_input = match self.input {
+            Some(i) if self.remaining > 0 && !input_fits => Some(format!(
+                "shorten the input: its {} tokens alone do not fit the {} free tokens left",
+                thousands(i),
+                thousands(self.remaining)
+            )),
+            _ => None,
+        };
         let mut out: Vec<String> = Vec::new();
         match self.reason {
             RefusalReason::Overdue => out.push(
@@ -149,6 +160,7 @@ impl Refusal {
                 if fits_smaller {
                     out.push(shrink.into());
                 }
+                out.extend(long_input);
                 out.push(sync);
                 out.push(switch_off("the calls beyond the free quota"));
             }
@@ -195,8 +207,11 @@ impl Refusal {
                 }
             }
             RefusalReason::Unverified => {
-                if fits_smaller && self.cause == Some(RefusalReason::Exhausted) {
-                    out.push(shrink.into());
+                if self.cause == Some(RefusalReason::Exhausted) {
+                    if fits_smaller {
+                        out.push(shrink.into());
+                    }
+                    out.extend(long_input);
                 }
                 out.push(verify.into());
             }
@@ -288,6 +303,7 @@ mod tests {
             total: 1_000_000,
             cause: None,
             detail: None,
+            input: None,
         };
         let text = r.to_string();
         let first = text.lines().next().unwrap_or_default();
@@ -314,6 +330,20 @@ mod tests {
             !text.contains("clip=True"),
             "nothing is left to clip to: {text}"
         );
+        let long = Refusal {
+            input: Some(900),
+            remaining: 800,
+            ..gone
+        };
+        let text = long.to_string();
+        assert!(
+            !text.contains("clip=True"),
+            "the input alone does not fit: {text}"
+        );
+        assert!(
+            text.contains("its 900 tokens alone do not fit the 800"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -330,6 +360,7 @@ mod tests {
                 total: 100,
                 cause: None,
                 detail: Some("enable_search".into()),
+                input: None,
             };
             let text = r.to_string();
             assert!(text.contains("It was not sent"), "{text}");

@@ -798,7 +798,10 @@ impl Guard {
                         worst,
                         at,
                     ) {
-                        Admission::Refuse(r) => QuotaError::Refused(r),
+                        Admission::Refuse(r) => QuotaError::Refused(crate::error::Refusal {
+                            input: Some(input_tokens),
+                            ..r
+                        }),
                         // The step refused on what it saw; the rules agree on the same
                         // figures, so this is a ledger that broke the contract.
                         Admission::Admit { .. } => QuotaError::Ledger {
