@@ -12,6 +12,7 @@ pyo3::import_exception!(quotaguard.exceptions, LedgerError);
 pyo3::import_exception!(quotaguard.exceptions, Blocked);
 pyo3::import_exception!(quotaguard.exceptions, LeaseExpiredWarning);
 pyo3::import_exception!(quotaguard.exceptions, LedgerPermissionWarning);
+pyo3::import_exception!(quotaguard.exceptions, NoFreeQuotaWarning);
 
 /// Core errors cross into Python here and nowhere else.
 pub struct PyQuotaError(pub QuotaError);

@@ -15,7 +15,8 @@ use rust_decimal::Decimal;
 
 use crate::convert::{amount, instant, number, opt_instant, opt_tokens, tokens};
 use crate::errors::{
-    type_error, LeaseExpiredWarning, LedgerPermissionWarning, PyQuotaError, QuotaGuardError,
+    type_error, LeaseExpiredWarning, LedgerPermissionWarning, NoFreeQuotaWarning, PyQuotaError,
+    QuotaGuardError,
 };
 use crate::fork;
 use crate::types::{PyAlert, PyBill, PyForecast, PyHourStats, PyQuota, PyUsageRecord};
@@ -138,6 +139,8 @@ pub struct PyQuotaGuard {
     blocking: bool,
     alert_sink: Mutex<Option<Py<PyAny>>>,
     warned_unpriced: Mutex<HashSet<String>>,
+    /// Models whose first paid call was checked for a missing free quota.
+    warned_no_free: Mutex<HashSet<String>>,
 }
 
 impl PyQuotaGuard {
@@ -207,6 +210,54 @@ impl PyQuotaGuard {
                 &self.inner.config.region,
             ),
         )?;
+        Ok(())
+    }
+}
+
+impl PyQuotaGuard {
+    /// The first call to `model` that free quota does not cover in full: a
+    /// `NoFreeQuotaWarning` (once per guard and model) when the model has no free quota
+    /// here at all: never granted (a name the catalogue does not know gets the closest
+    /// ones), or the guard's region has none. Pointed at the caller's line.
+    fn warn_no_free_quota(&self, py: Python<'_>, model: &str, now: Now) -> PyResult<()> {
+        if !self.warned_no_free.lock().insert(model.to_string()) {
+            return Ok(());
+        }
+        let cfg = &self.inner.config;
+        let free_region = cfg.site.free_region();
+        let catalog = self.inner.catalog();
+        let msg = if cfg.region != free_region {
+            format!(
+                "calls to {model:?}{} are charged: this guard's region {} has no free quota (on the \
+                 {} site only {free_region} has). If the calls go to {free_region}, say so: \
+                 QuotaGuard(region={free_region:?})",
+                catalog.did_you_mean(model),
+                cfg.region,
+                cfg.site.name(),
+            )
+        } else {
+            let total = self.run(py, |g| g.quota(model, now))?.total;
+            if total > 0 {
+                return Ok(());
+            }
+            if catalog.model(model).is_some() {
+                format!(
+                    "calls to {model:?} are charged: it has no free quota in the ledger (never \
+                     granted). If the console shows a free quota for it, record it: \
+                     guard.grant({model:?}) (`quotaguard grant {model}`)"
+                )
+            } else {
+                format!(
+                    "calls to {model:?} are charged: it has no free quota in the ledger, and the \
+                     catalogue does not know the name{}. Check the model name; a model with a \
+                     free quota needs guard.grant(model) (`quotaguard grant MODEL`)",
+                    catalog.did_you_mean(model)
+                )
+            }
+        };
+        py.import("quotaguard.exceptions")?
+            .getattr("_warn_outside")?
+            .call1((msg, py.get_type::<NoFreeQuotaWarning>()))?;
         Ok(())
     }
 }
@@ -342,6 +393,7 @@ impl PyQuotaGuard {
             blocking,
             alert_sink: Mutex::new(None),
             warned_unpriced: Mutex::new(HashSet::new()),
+            warned_no_free: Mutex::new(HashSet::new()),
         })
     }
 
@@ -594,6 +646,13 @@ impl PyQuotaGuard {
         let (row, hold) = me.run(py, |g| {
             g.reserve(model, input, max_out, kind, thinking, now)
         })?;
+        if row.free_part < row.worst {
+            if let Err(e) = me.warn_no_free_quota(py, model, now) {
+                // A warning turned into an error: the call is not made, nothing stays held.
+                let _ = me.run(py, |g| g.release(&row, &hold, true, now));
+                return Err(e);
+            }
+        }
         Ok(PyReservation {
             guard: slf.clone().unbind(),
             row,
@@ -669,6 +728,7 @@ impl PyQuotaGuard {
         let d = PyDict::new(py);
         let m = c.model(model);
         d.set_item("known", m.is_some())?;
+        d.set_item("closest", c.closest(model))?;
         d.set_item(
             "thinking",
             m.map_or(quotaguard_core::catalog::Thinking::None, |m| m.thinking)

@@ -111,8 +111,9 @@ def test_exhausted_attributes_and_message(guard: qg.QuotaGuard) -> None:
         1_200,
         "exhausted",
     )
-    assert str(e) == (
-        'free quota of "qwen-max" exhausted: requested 1,200 tokens, 800 of 1,000,000 left'
+    assert str(e).startswith(
+        'free quota of "qwen-max" exhausted: requested 1,200 tokens, 800 of 1,000,000 left. '
+        "It was not sent; to go on:\n"
     )
     assert e.args == (str(e), "qwen-max", 800, 1_200, "exhausted", None)
     assert e.service_code is None  # refused here, not by the service
@@ -123,10 +124,11 @@ def test_unverified_expired_message() -> None:
     unverified.grant("qwen-max", activated_at="2025-01-01T00:00:00+08:00", valid_days=30)
     e = raised(lambda: unverified.reserve("qwen-max", 10, 10), FreeTierOnly)
     assert (e.reason, e.remaining, e.requested) == ("unverified", 0, 20)
-    assert str(e) == (
+    assert str(e).startswith(
         'account is not identity-verified and the free quota of "qwen-max" has expired: '
-        "requested 20 tokens, 0 of 1,000,000 left"
+        "requested 20 tokens, 0 of 1,000,000 left. It was not sent"
     )
+    assert "QuotaGuard(verified=True)" in str(e)
 
 
 def test_expired_message_under_free_only() -> None:
@@ -137,7 +139,9 @@ def test_expired_message_under_free_only() -> None:
     now["t"] = "2026-02-01T00:00:00+08:00"
     e = raised(lambda: guard.reserve("qwen-max", 1_000, 234), FreeTierOnly)
     assert (e.model, e.reason, e.remaining, e.requested) == ("qwen-max", "expired", 0, 1_234)
-    assert str(e) == 'free quota of "qwen-max" expired: requested 1,234 tokens, 0 of 5,000 left'
+    assert str(e).startswith(
+        'free quota of "qwen-max" expired: requested 1,234 tokens, 0 of 5,000 left. It was not sent'
+    )
 
 
 def test_no_quota_message() -> None:
@@ -195,7 +199,10 @@ def test_budget_exceeded_message(guard: qg.QuotaGuard) -> None:
     with guard.budget(tokens=100, name="tests"):
         e = raised(lambda: guard.reserve("qwen-max", 100, 1), BudgetExceeded)
     assert type(e) is BudgetExceeded
-    assert str(e) == 'budget "tests" exceeded: the call may use 101 tokens, 100 of 100 left'
+    assert str(e).startswith(
+        'budget "tests" exceeded: the call may use 101 tokens, 100 of 100 left. It was not sent'
+    )
+    assert "lower max_tokens" in str(e)
 
 
 # --------------------------------------------------------------------------- pickling

@@ -723,7 +723,9 @@ def cmd_prices(args: argparse.Namespace) -> int:
         for name in args.model:
             if name not in models:
                 known = ", ".join(models)
-                raise ValueError(f"model {name!r} is not in the catalogue (known: {known})")
+                close = " or ".join(f'"{m}"' for m in guard.model_info(name)["closest"])
+                hint = f" (did you mean {close}?)" if close else ""
+                raise ValueError(f"model {name!r} is not in the catalogue{hint}; known: {known}")
         models = {m: models[m] for m in args.model}
     site_given = getattr(args, "site", None)
     sites = [site_given] if site_given else ["china", "international"]

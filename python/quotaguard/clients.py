@@ -36,7 +36,7 @@ from types import ModuleType
 from typing import Any
 
 from ._format import client_repr
-from .exceptions import UnguardedWarning
+from .exceptions import UnguardedWarning, _entry
 from .wrap import (
     Guard,
     Options,
@@ -662,7 +662,7 @@ def _bound_method(fn: Callable[..., Any]) -> Callable[..., Any]:
             kwargs["extra_body"] = {**(kwargs.get("extra_body") or {}), BOUND_KEY: bound}
         return fn(*args, **kwargs)
 
-    return method
+    return _entry(method)
 
 
 def _unguarded_method(guard: Guard, fn: Callable[..., Any], what: str) -> Callable[..., Any]:
@@ -671,7 +671,7 @@ def _unguarded_method(guard: Guard, fn: Callable[..., Any], what: str) -> Callab
         check_unguarded(guard, kwargs.get("model"), what)
         return fn(*args, **kwargs)
 
-    return method
+    return _entry(method)
 
 
 class GuardedOpenAI(_Resource):
@@ -903,6 +903,7 @@ class _DashScopeApi(_Proxy):
         self._options = options
         self._sessions = sessions
 
+    @_entry
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """The API's ``call``, guarded; errors are still returned, as DashScope does."""
         fn = self._target.call
@@ -940,6 +941,7 @@ class _Application(_Proxy):
         super().__init__(target, guard)
         self._options = options
 
+    @_entry
     def call(self, *args: Any, **kwargs: Any) -> Any:
         model = kwargs.pop("model", None)
         bound = kwargs.pop("max_input_tokens", None)
@@ -1029,6 +1031,7 @@ class _Unguarded(_Proxy):
         super().__init__(target, guard)
         self._path = path
 
+    @_entry
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(self._target, type):  # a function: the call itself bills
             check_unguarded(self._guard, kwargs.get("model"), f"{self._path}()")

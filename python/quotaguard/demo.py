@@ -18,6 +18,7 @@ import logging
 import shlex
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -350,7 +351,7 @@ class _Demo:
                 f"call {n:>3}  refused before sending: {refusal.code} (reason: {refusal.reason})",
                 "1;31",
             )
-            say.line(f"  {refusal}")
+            say.line(textwrap.indent(str(refusal), "  "))
             sent = self.after != self.before
             verdict = "IT WAS SENT" if sent else "it never reached the server"
             say.line(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import threading
 import weakref
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 from . import _core, _format
 from ._core import Alert, HourStats
 from ._format import RECORD_FIELDS, RecordList, StatsList, record_to_dict
+from ._log import logger
 from .exceptions import AccountOverdue, FreeTierOnly
 
 if TYPE_CHECKING:
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Budget", "QuotaGuard", "record_to_dict"]
 
-logger = logging.getLogger("quotaguard")
 
 # fork() while other threads are inside a ledger call: the core waits for them and
 # keeps new calls out across the fork, so the child finds no lock held; the child's
@@ -130,8 +129,10 @@ class QuotaGuard(_core.QuotaGuard):
         if code in DEPLETED_CODES:
             self._mark_depleted(model)
             return FreeTierOnly(
-                f"the service refused {model!r} with {code}{said}; its free quota is now "
-                "recorded as used up",
+                f"the service refused {model!r} with {code}{said}; nothing was charged, and "
+                "its free quota is now recorded as used up. To go on:\n"
+                "  - send the call to a model with free quota left (fallback=[...] does it)\n"
+                "  - or switch Free Quota Only off for it in the console to let it be charged",
                 model,
                 0,
                 0,
@@ -142,7 +143,10 @@ class QuotaGuard(_core.QuotaGuard):
             self.mark_overdue()
             q = self.quota(model)
             return AccountOverdue(
-                f"the service refused {model!r} with {code}{said}: the account is overdue",
+                f"the service refused {model!r} with {code}{said}: the account is overdue; "
+                "nothing was charged. To go on:\n"
+                "  - top up the account, then record it: guard.top_up(amount) or "
+                "guard.set_balance(amount)",
                 model,
                 q.remaining,
                 0,

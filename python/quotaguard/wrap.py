@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import _core
-from .exceptions import AccountOverdue, FreeTierOnly, NoUsageWarning, QuotaGuardError
+from .exceptions import AccountOverdue, FreeTierOnly, NoUsageWarning, QuotaGuardError, _entry
 
 __all__ = ["GuardedAsyncStream", "GuardedStream", "wrap"]
 
@@ -1612,12 +1612,12 @@ def wrap(
             async def guarded_async(*args: Any, **kwargs: Any) -> Any:
                 return await acall_guarded(guard, async_func, args, kwargs, options)
 
-            return cast(Callable[P, R], guarded_async)
+            return cast(Callable[P, R], _entry(guarded_async))
 
         @functools.wraps(func)
         def guarded(*args: Any, **kwargs: Any) -> Any:
             return call_guarded(guard, func, args, kwargs, options)
 
-        return cast(Callable[P, R], guarded)
+        return cast(Callable[P, R], _entry(guarded))  # a refusal's traceback: the caller's
 
     return decorate if fn is None else decorate(fn)

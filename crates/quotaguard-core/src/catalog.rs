@@ -562,11 +562,61 @@ impl Catalog {
             .map(|m| m.default_max_output_tokens)
             .unwrap_or(self.defaults.default_max_output_tokens)
     }
+
+    /// The catalogue names closest to `name`, best first (at most three; none for a
+    /// name the catalogue knows). Case is ignored: a name that differs only in case
+    /// is the one suggestion; otherwise the names within a normalised Damerau-Levenshtein
+    /// similarity of 0.7 are.
+    pub fn closest(&self, name: &str) -> Vec<&str> {
+        if self.models.contains_key(name) {
+            return Vec::new();
+        }
+        let wanted = name.trim().to_lowercase();
+        if let Some(same) = self.models.keys().find(|m| m.to_lowercase() == wanted) {
+            return vec![same.as_str()];
+        }
+        let mut scored: Vec<(f64, &str)> = self
+            .models
+            .keys()
+            .map(|m| {
+                let score = strsim::normalized_damerau_levenshtein(&wanted, &m.to_lowercase());
+                (score, m.as_str())
+            })
+            .filter(|(score, _)| *score >= 0.7)
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+        scored.into_iter().take(3).map(|(_, m)| m).collect()
+    }
+
+    /// `" (did you mean \"qwen-max\"?)"` for a name the catalogue does not know but
+    /// has close names for, else `""`.
+    pub fn did_you_mean(&self, name: &str) -> String {
+        let close = self.closest(name);
+        if close.is_empty() {
+            return String::new();
+        }
+        let names: Vec<String> = close.iter().map(|m| format!("{m:?}")).collect();
+        format!(" (did you mean {}?)", names.join(" or "))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn closest_names_ignore_case_and_typos() {
+        let c = Catalog::bundled();
+        assert_eq!(c.closest("qwen-max"), Vec::<&str>::new());
+        assert_eq!(c.closest("Qwen-Max"), vec!["qwen-max"]);
+        assert_eq!(c.closest(" QWEN-PLUS "), vec!["qwen-plus"]);
+        assert_eq!(c.closest("qwen-maxx").first(), Some(&"qwen-max"));
+        assert_eq!(c.closest("qwen-plsu").first(), Some(&"qwen-plus"));
+        assert!(c.closest("qwen-maxx").len() <= 3);
+        assert_eq!(c.closest("llama-3-70b"), Vec::<&str>::new());
+        assert_eq!(c.did_you_mean("Qwen-Max"), " (did you mean \"qwen-max\"?)");
+        assert_eq!(c.did_you_mean("llama-3-70b"), "");
+    }
 
     #[test]
     fn bundled_covers_the_named_models() {

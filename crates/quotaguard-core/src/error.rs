@@ -56,10 +56,13 @@ pub struct Refusal {
     /// What made an `Unbounded` call unbounded (`"enable_search"`), or the method an
     /// `Unguarded` refusal names (`"POST /audio/speech"`).
     pub detail: Option<String>,
+    /// The input part of `requested`, when known: whether a smaller output would fit.
+    pub input: Option<u64>,
 }
 
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Refusal {
+    /// The first line of the message: what was refused and why, with the figures.
+    fn fact(&self) -> String {
         let left = format!(
             "requested {} tokens, {} of {} left",
             thousands(self.requested),
@@ -68,15 +71,13 @@ impl fmt::Display for Refusal {
         );
         let m = &self.model;
         match self.reason {
-            RefusalReason::Overdue => write!(
-                f,
+            RefusalReason::Overdue => format!(
                 "account is overdue: every call is refused until a top-up clears it (call to {m:?})"
             ),
-            RefusalReason::Exhausted => write!(f, "free quota of {m:?} exhausted: {left}"),
-            RefusalReason::Expired => write!(f, "free quota of {m:?} expired: {left}"),
-            RefusalReason::NoQuota => write!(f, "{m:?} has no free quota here: {left}"),
-            RefusalReason::NotCovered => write!(
-                f,
+            RefusalReason::Exhausted => format!("free quota of {m:?} exhausted: {left}"),
+            RefusalReason::Expired => format!("free quota of {m:?} expired: {left}"),
+            RefusalReason::NoQuota => format!("{m:?} has no free quota here: {left}"),
+            RefusalReason::NotCovered => format!(
                 "call to {m:?} is not covered by free quota (batch and custom calls are always charged) \
                  and Free Quota Only is on"
             ),
@@ -88,10 +89,9 @@ impl fmt::Display for Refusal {
                 };
                 let detail = self.detail.as_deref().unwrap_or("?");
                 if self.reason == RefusalReason::Unbounded {
-                    write!(
-                        f,
+                    format!(
                         "call to {m:?} has input that cannot be bounded before it is sent ({detail}) \
-                         and {why}: state a bound with max_input_tokens="
+                         and {why}"
                     )
                 } else {
                     let model = if m.is_empty() {
@@ -99,11 +99,7 @@ impl fmt::Display for Refusal {
                     } else {
                         format!(" for {m:?}")
                     };
-                    write!(
-                        f,
-                        "{detail}{model} cannot be guarded (what it bills is unknown) and {why}: \
-                         it was not sent"
-                    )
+                    format!("{detail}{model} cannot be guarded (what it bills is unknown) and {why}")
                 }
             }
             RefusalReason::Unverified => {
@@ -113,12 +109,125 @@ impl fmt::Display for Refusal {
                     Some(RefusalReason::NotCovered) => "does not cover this kind of call",
                     _ => "does not cover it",
                 };
-                write!(
-                    f,
-                    "account is not identity-verified and the free quota of {m:?} {why}: {left}"
-                )
+                format!("account is not identity-verified and the free quota of {m:?} {why}: {left}")
             }
         }
+    }
+
+    /// What the caller can do, one item a line, fitting the reason.
+    pub fn fixes(&self) -> Vec<String> {
+        let m = &self.model;
+        // R5: the switch can be turned off only once the free quota is used up.
+        let switch_off = |what: &str| {
+            if self.remaining == 0 {
+                format!(
+                    "to let {what} be charged instead, switch Free Quota Only off: \
+                     guard.set_free_only({m:?}, False) (`quotaguard free-only off {m}`)"
+                )
+            } else {
+                format!(
+                    "Free Quota Only can be switched off (to let {what} be charged) only once the \
+                     {} free tokens left are used up",
+                    thousands(self.remaining)
+                )
+            }
+        };
+        let shrink = "lower max_tokens, or pass clip=True to shrink it to the free tokens left";
+        let sync = format!(
+            "if the console shows more left than {}, the ledger is behind it: \
+             guard.sync({m:?}, \"LEFT/TOTAL\") with the console's figure (`quotaguard sync {m} LEFT/TOTAL`)",
+            thousands(self.remaining)
+        );
+        let verify = "once the account is identity-verified, say so: QuotaGuard(verified=True)";
+        let input_fits = self.input.is_none_or(|i| i < self.remaining);
+        let fits_smaller = self.remaining > 0 && self.requested > self.remaining && input_fits;
+        let long_input = match self.input {
+            Some(i) if self.remaining > 0 && !input_fits => Some(format!(
+                "shorten the input: its {} tokens alone do not fit the {} free tokens left",
+                thousands(i),
+                thousands(self.remaining)
+            )),
+            _ => None,
+        };
+        let mut out: Vec<String> = Vec::new();
+        match self.reason {
+            RefusalReason::Overdue => out.push(
+                "top up the account, then record it: guard.top_up(amount) or \
+                 guard.set_balance(amount) (a balance of zero or more clears the overdue flag)"
+                    .into(),
+            ),
+            RefusalReason::Exhausted => {
+                if fits_smaller {
+                    out.push(shrink.into());
+                }
+                out.extend(long_input);
+                out.push(sync);
+                out.push(switch_off("the calls beyond the free quota"));
+            }
+            RefusalReason::Expired => {
+                out.push(format!(
+                    "if the console shows a current free quota for {m:?}, record it: \
+                     guard.grant({m:?}, tokens, activated_at=...) (`quotaguard grant {m}`)"
+                ));
+                out.push(switch_off("its calls"));
+            }
+            RefusalReason::NoQuota => {
+                out.push(format!(
+                    "if the console shows a free quota for {m:?}, record it: guard.grant({m:?}) \
+                     (`quotaguard grant {m}`)"
+                ));
+                out.push(
+                    "free quota covers calls to one region only (cn-beijing on the China site, \
+                     ap-southeast-1 on the international site): check QuotaGuard(region=...)"
+                        .into(),
+                );
+                out.push(switch_off("its calls"));
+            }
+            RefusalReason::NotCovered => {
+                out.push("send it as a real-time call: only those draw on free quota".into());
+                out.push(switch_off("batch and custom calls"));
+            }
+            RefusalReason::Unbounded | RefusalReason::Unguarded => {
+                if self.reason == RefusalReason::Unbounded {
+                    out.push(
+                        "state a bound of its input: max_input_tokens=N on the call or the wrapper"
+                            .into(),
+                    );
+                }
+                if self.cause == Some(RefusalReason::Unverified) {
+                    out.push(verify.into());
+                } else if m.is_empty() {
+                    out.push(
+                        "to send it anyway, switch Free Quota Only off for the models that have it on \
+                         (what it bills is not recorded)"
+                            .into(),
+                    );
+                } else {
+                    out.push(switch_off("such calls"));
+                }
+            }
+            RefusalReason::Unverified => {
+                if self.cause == Some(RefusalReason::Exhausted) {
+                    if fits_smaller {
+                        out.push(shrink.into());
+                    }
+                    out.extend(long_input);
+                }
+                out.push(verify.into());
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for Refusal {
+    /// The fact, that the call was not sent, and the fixes, one a line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}. It was not sent; to go on:", self.fact())?;
+        for fix in self.fixes() {
+            write!(f, "\n  - {fix}")?;
+        }
+        Ok(())
     }
 }
 
@@ -138,7 +247,10 @@ pub enum QuotaError {
     #[error("{0}")]
     Rejected(String),
     /// The ledger is blocked by its kill switch (R15; Python `Blocked`): the reason.
-    #[error("every call is refused: the ledger is blocked ({0:?}); `quotaguard unblock` lifts it")]
+    #[error(
+        "the ledger is blocked ({0:?}): every call is refused, and this one was not sent; \
+         guard.unblock() or `quotaguard unblock` lifts it"
+    )]
     Blocked(String),
     /// The ledger could not be read or written (Python `LedgerError`).
     #[error("ledger {ledger}: {message}")]
@@ -191,10 +303,72 @@ mod tests {
             total: 1_000_000,
             cause: None,
             detail: None,
+            input: None,
         };
+        let text = r.to_string();
+        let first = text.lines().next().unwrap_or_default();
         assert_eq!(
-            r.to_string(),
-            "free quota of \"qwen-max\" exhausted: requested 1,200 tokens, 800 of 1,000,000 left"
+            first,
+            "free quota of \"qwen-max\" exhausted: requested 1,200 tokens, 800 of 1,000,000 left. \
+             It was not sent; to go on:"
         );
+        assert!(text.contains("clip=True"), "{text}");
+        assert!(text.contains("guard.sync(\"qwen-max\""), "{text}");
+        // R5: the switch cannot be turned off while free tokens remain.
+        assert!(!text.contains("set_free_only"), "{text}");
+        assert!(
+            text.contains("only once the 800 free tokens left are used up"),
+            "{text}"
+        );
+        let gone = Refusal { remaining: 0, ..r };
+        let text = gone.to_string();
+        assert!(
+            text.contains("guard.set_free_only(\"qwen-max\", False)"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("clip=True"),
+            "nothing is left to clip to: {text}"
+        );
+        let long = Refusal {
+            input: Some(900),
+            remaining: 800,
+            ..gone
+        };
+        let text = long.to_string();
+        assert!(
+            !text.contains("clip=True"),
+            "the input alone does not fit: {text}"
+        );
+        assert!(
+            text.contains("its 900 tokens alone do not fit the 800"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_refusal_says_it_was_not_sent_and_what_to_do() {
+        use RefusalReason::*;
+        for reason in [
+            Exhausted, Expired, NoQuota, NotCovered, Unverified, Overdue, Unbounded, Unguarded,
+        ] {
+            let r = Refusal {
+                model: "qwen-max".into(),
+                reason,
+                remaining: 0,
+                requested: 10,
+                total: 100,
+                cause: None,
+                detail: Some("enable_search".into()),
+                input: None,
+            };
+            let text = r.to_string();
+            assert!(text.contains("It was not sent"), "{text}");
+            assert!(!r.fixes().is_empty(), "{reason:?}");
+            assert!(
+                !text.contains("clip=True"),
+                "nothing is left to clip to: {text}"
+            );
+        }
     }
 }

@@ -24,6 +24,11 @@ use crate::rules::{self, Admission, AlertKind, CostType, Kind, Policy};
 /// or a console figure).
 pub const MAX_TOKENS: u64 = 1_000_000_000;
 
+/// What a `BudgetExceeded` message says after the figures.
+const BUDGET_FIX: &str =
+    "It was not sent; to go on:\n  - lower max_tokens (the worst case is what \
+                          must fit), or give the budget a higher limit";
+
 pub fn check_tokens(what: &str, n: i128) -> Result<u64> {
     if n < 0 {
         return Err(invalid(format!(
@@ -345,7 +350,8 @@ impl Guard {
             (None, Some(i)) => i.free_tokens,
             (None, None) => {
                 return Err(invalid(format!(
-                    "model {model:?} is not in the catalogue: pass tokens= to grant it"
+                    "model {model:?} is not in the catalogue{}: pass tokens= to grant it",
+                    self.catalog.did_you_mean(model)
                 )))
             }
         };
@@ -638,7 +644,7 @@ impl Guard {
             if let Some(left) = b.tokens_left() {
                 if worst > left {
                     return Err(QuotaError::Budget(format!(
-                        "budget {} exceeded: the call may use {} tokens, {} of {} left",
+                        "budget {} exceeded: the call may use {} tokens, {} of {} left. {BUDGET_FIX}",
                         b.name
                             .as_deref()
                             .map_or_else(|| format!("#{id}"), |n| format!("{n:?}")),
@@ -672,7 +678,8 @@ impl Guard {
                     let Some(cost) = cost else {
                         return Err(QuotaError::Budget(format!(
                             "budget {} has a cost limit, and {model:?} has no known price: its cost \
-                             cannot be bounded (add its prices with catalog=)",
+                             cannot be bounded. It was not sent; to go on:\n  - add its prices with \
+                             QuotaGuard(catalog=...), or open the budget without a cost limit",
                             b.name
                                 .as_deref()
                                 .map_or_else(|| format!("#{id}"), |n| format!("{n:?}")),
@@ -680,7 +687,7 @@ impl Guard {
                     };
                     if cost > left {
                         return Err(QuotaError::Budget(format!(
-                            "budget {} exceeded: the call may cost {} {}, {} left",
+                            "budget {} exceeded: the call may cost {} {}, {} left. {BUDGET_FIX}",
                             b.name
                                 .as_deref()
                                 .map_or_else(|| format!("#{id}"), |n| format!("{n:?}")),
@@ -791,7 +798,10 @@ impl Guard {
                         worst,
                         at,
                     ) {
-                        Admission::Refuse(r) => QuotaError::Refused(r),
+                        Admission::Refuse(r) => QuotaError::Refused(crate::error::Refusal {
+                            input: Some(input_tokens),
+                            ..r
+                        }),
                         // The step refused on what it saw; the rules agree on the same
                         // figures, so this is a ledger that broke the contract.
                         Admission::Admit { .. } => QuotaError::Ledger {

@@ -105,6 +105,7 @@ pub fn admit(
             total: quota.map_or(0, |q| q.total),
             cause,
             detail: None,
+            input: None,
         })
     };
     if overdue {
@@ -154,6 +155,7 @@ pub fn refuse_uncounted(
         total: first.map_or(0, |q| q.total),
         cause,
         detail: Some(detail.to_string()),
+        input: None,
     };
     if overdue {
         return Some(refusal(RefusalReason::Overdue, None));
