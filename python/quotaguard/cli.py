@@ -478,7 +478,7 @@ def cmd_prices(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     guard = _guard(args)
-    found = guard._check_all()
+    found = guard._core._check_all()
     problems = [text for problem, text in found if problem]
     if args.json:
         _print_json(

@@ -67,7 +67,7 @@ def check_unguarded(guard: Guard, model: Any, what: str) -> None:
     Only on for its model, or any model when it names none; an unverified or overdue
     account), else let through with a warning once per method."""
     name = model if isinstance(model, str) and model else None
-    guard._check_uncounted(name, "unguarded", what)
+    guard._core._check_uncounted(name, "unguarded", what)
     warn_once(
         what,
         f"{what} cannot be guarded: it was sent unguarded, and what it bills is not in the "
@@ -425,7 +425,7 @@ class _OpenAIHook:
         if models is None:
             models = self._file_models(args.get("input_file_id"))
         for model in models[1:]:
-            self.guard.reserve(model, 0, 0, "batch").release()  # refused like the first
+            self.guard._core.reserve(model, 0, 0, "batch").release()  # refused like the first
         options = Options(model=models[0], kind="batch", input_tokens=0, max_output=0)
         call = begin(self.guard, args, options, sent=False)
         call.others = models[1:]  # type: ignore[attr-defined]
@@ -502,7 +502,9 @@ class _OpenAIHook:
     def _ended_batch(self, call: _Call) -> None:
         for model in getattr(call, "others", ()):
             record = call.record
-            self.guard._record_usage(model, 0, 0, getattr(record, "request_id", None), kind="batch")
+            self.guard._core._record_usage(
+                model, 0, 0, getattr(record, "request_id", None), kind="batch"
+            )
 
     # ---- one attempt ----
 
@@ -942,7 +944,7 @@ class _Application(_Proxy):
         if bound is None:
             bound = self._options.max_input_tokens
         if model is None or bound is None:
-            self._guard._check_uncounted(model, "unbounded", "application")
+            self._guard._core._check_uncounted(model, "unbounded", "application")
             result = self._target.call(*args, **kwargs)
             return _AppResult(self._guard, None, model).finish(result)
         options = Options(model=model, input_tokens=int(bound), name="Application.call")
@@ -1006,7 +1008,7 @@ class _AppResult:
             if self.call is not None and name == self.model and not self.call.ended:
                 self.call.settle(_Usage(inp, out, request_id=request_id))
             elif isinstance(name, str):
-                self.guard._record_usage(name, inp, out, request_id)
+                self.guard._core._record_usage(name, inp, out, request_id)
         if self.call is not None and not self.call.ended:
             self.call.no_usage()
 

@@ -116,8 +116,8 @@ class Reservation(Protocol):
     def settle_worst_case(self, *, in_doubt: bool = False) -> object: ...
 
 
-class Guard(Protocol):
-    """The part of ``quotaguard.QuotaGuard`` this module uses."""
+class Core(Protocol):
+    """The part of the Rust core's guard (``QuotaGuard._core``) this module uses."""
 
     def reserve(
         self,
@@ -144,8 +144,6 @@ class Guard(Protocol):
 
     def remaining(self, model: str) -> int: ...
 
-    def service_error(self, model: str, code: str, message: str = "") -> BaseException | None: ...
-
     def _check_uncounted(self, model: str | None, reason: str, detail: str) -> None: ...
 
     def _record_usage(
@@ -159,6 +157,16 @@ class Guard(Protocol):
         cached_tokens: int | None = None,
         thinking: bool = False,
     ) -> object: ...
+
+
+class Guard(Protocol):
+    """The part of ``quotaguard.QuotaGuard`` this module uses: its core, and its
+    mapping of service errors."""
+
+    @property
+    def _core(self) -> Core: ...
+
+    def service_error(self, model: str, code: str, message: str = "") -> BaseException | None: ...
 
 
 # --------------------------------------------------------------------------------------
@@ -660,7 +668,7 @@ def _input_tokens(
         q = query if isinstance(query, str) else _json(query)
         instruct = call.option("instruct")
         pairs = [f"{instruct or ''}\n{q}\n{d}" for d in docs]
-        tokens = guard.input_bound(input=pairs, extra_tokens=RERANK_PAIR_TOKENS * len(docs))
+        tokens = guard._core.input_bound(input=pairs, extra_tokens=RERANK_PAIR_TOKENS * len(docs))
         return tokens, reader.unbounded
 
     chat: list[dict[str, str]] = []
@@ -676,12 +684,12 @@ def _input_tokens(
         raw_input = None
     if endpoint == "completions" and isinstance(prompt, list | tuple):
         prompts = [p if isinstance(p, str) else _json(p) for p in prompt]
-        bound = sum(guard.input_bound(prompt=reader._text(p)) for p in prompts)
+        bound = sum(guard._core.input_bound(prompt=reader._text(p)) for p in prompts)
         return bound, reader.unbounded
     said = [s if isinstance(s, str) else _json(s) for s in (prompt, text) if _given(s) and s]
     if len(said) == 1 and not chat and not tools and not _given(messages):
         if endpoint not in ("embeddings",):
-            return guard.input_bound(prompt=reader._text(said[0])), reader.unbounded
+            return guard._core.input_bound(prompt=reader._text(said[0])), reader.unbounded
     chat.extend({"role": "user", "content": reader._text(s)} for s in said)
     if tools:
         block = reader.tools(tools)
@@ -691,7 +699,7 @@ def _input_tokens(
         else:
             system["content"] += block
     if chat or _given(messages):
-        return guard.input_bound(messages=chat, extra_tokens=reader.extra), reader.unbounded
+        return guard._core.input_bound(messages=chat, extra_tokens=reader.extra), reader.unbounded
     if _given(raw_input):
         if endpoint == "multimodal_embedding" or (
             isinstance(raw_input, list | tuple) and any(isinstance(x, Mapping) for x in raw_input)
@@ -699,14 +707,16 @@ def _input_tokens(
             parts = [_plain(x) for x in raw_input]
             texts = [reader.content([p]) for p in parts]
             return (
-                guard.input_bound(input=[t for t in texts if t], extra_tokens=reader.extra),
+                guard._core.input_bound(input=[t for t in texts if t], extra_tokens=reader.extra),
                 reader.unbounded,
             )
         texts, ids = _embedding_input(raw_input)
         instruct = call.option("instruct")
         if isinstance(instruct, str):
             texts.append(instruct)
-        return guard.input_bound(input=texts, extra_tokens=reader.extra + ids), reader.unbounded
+        return guard._core.input_bound(
+            input=texts, extra_tokens=reader.extra + ids
+        ), reader.unbounded
     raise TypeError(
         "a guarded call needs messages=, prompt= or input= to bound its input tokens (R8)"
     )
@@ -743,7 +753,7 @@ def read_request(
         model = call.get("model")
     if not isinstance(model, str) or not model:
         raise TypeError("a guarded call needs a model: pass model= to the call or to wrap()")
-    info = guard.model_info(model)
+    info = guard._core.model_info(model)
     stated = call.pop("max_input_tokens")
     if stated is None:
         stated = max_input_tokens
@@ -753,7 +763,7 @@ def read_request(
         input_tokens, unbounded = _input_tokens(guard, call, info, endpoint)
         if unbounded:
             if stated is None:
-                guard._check_uncounted(model, "unbounded", ", ".join(unbounded))
+                guard._core._check_uncounted(model, "unbounded", ", ".join(unbounded))
             else:
                 input_tokens = max(input_tokens, stated)
     if max_output is not None:
@@ -763,7 +773,9 @@ def read_request(
         if max_tokens is None:
             max_tokens = _int(call.option(name))
     if max_tokens is None:
-        max_tokens = int(info.get("default_max_output_tokens") or guard.default_max_output(model))
+        max_tokens = int(
+            info.get("default_max_output_tokens") or guard._core.default_max_output(model)
+        )
     thinking = _thinking(call, info)
     thinking_tokens = 0
     if thinking:
@@ -779,7 +791,7 @@ def read_request(
 def reserve(guard: Guard, call: _CallArgs, request: _Request, clip: bool) -> Reservation:
     """Reserve the worst case; with ``clip``, shrink the call's max tokens to what is left."""
     try:
-        return guard.reserve(
+        return guard._core.reserve(
             request.model,
             request.input_tokens,
             request.max_output,
@@ -789,7 +801,9 @@ def reserve(guard: Guard, call: _CallArgs, request: _Request, clip: bool) -> Res
     except FreeTierOnly as refused:
         if not clip or isinstance(refused, AccountOverdue):
             raise
-        per_choice = (guard.remaining(request.model) - request.input_tokens) // request.choices
+        per_choice = (
+            guard._core.remaining(request.model) - request.input_tokens
+        ) // request.choices
         if request.thinking_tokens:
             thinking = min(request.thinking_tokens, per_choice // 2)
             answer = min(request.max_tokens, per_choice - thinking)
@@ -807,7 +821,7 @@ def reserve(guard: Guard, call: _CallArgs, request: _Request, clip: bool) -> Res
         if not done:
             raise  # the function takes no max tokens: it cannot be clipped
         out = (answer + thinking) * request.choices
-        return guard.reserve(
+        return guard._core.reserve(
             request.model, request.input_tokens, out, request.kind, thinking=request.thinking
         )
 
@@ -836,7 +850,7 @@ def reserve_with_fallback(
                 kind=request.kind,
             )
         try:
-            held = guard.reserve(
+            held = guard._core.reserve(
                 model,
                 candidate.input_tokens,
                 candidate.max_output,
@@ -1128,7 +1142,7 @@ class _Call:
             old.release(failed=True)
         else:
             old.settle_worst_case(in_doubt=True)
-        self._reservation = self._guard.reserve(
+        self._reservation = self._guard._core.reserve(
             self._request.model,
             self._request.input_tokens,
             self._request.max_output,
