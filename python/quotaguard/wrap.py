@@ -115,6 +115,8 @@ class Reservation(Protocol):
 
     def settle_worst_case(self, *, in_doubt: bool = False) -> object: ...
 
+    def _settle_from(self, body: object) -> tuple[object, bool] | None: ...
+
 
 class Core(Protocol):
     """The part of the Rust core's guard (``QuotaGuard._core``) this module uses."""
@@ -143,6 +145,10 @@ class Core(Protocol):
     def model_info(self, model: str) -> dict[str, Any]: ...
 
     def remaining(self, model: str) -> int: ...
+
+    def _reserve_chat(
+        self, body: dict[str, Any], kind: str = "realtime"
+    ) -> tuple[Reservation, str, int, int, int, int, bool] | None: ...
 
     def _check_uncounted(self, model: str | None, reason: str, detail: str) -> None: ...
 
@@ -1047,13 +1053,15 @@ _warned_no_usage: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-def warn_once(key: str, message: str, category: type[Warning], registry: set[str]) -> None:
+def warn_once(
+    key: str, message: str, category: type[Warning], registry: set[str], stacklevel: int = 4
+) -> None:
     """``warnings.warn`` once per key and process."""
     with _warned_lock:
         if key in registry:
             return
         registry.add(key)
-    warnings.warn(message, category, stacklevel=4)
+    warnings.warn(message, category, stacklevel=stacklevel)
 
 
 # --------------------------------------------------------------------------------------
@@ -1106,20 +1114,23 @@ class _Call:
 
     def settle(self, usage: _Usage) -> None:
         if self._claim():
-            # A call made in thinking mode is priced as one (R13), reasoning reported or not.
-            thinking = self._request.thinking or usage.reasoning_tokens > 0
-            self.record = self._reservation.settle(
-                usage.input_tokens,
-                usage.output_tokens,
-                usage.request_id,
-                cached_tokens=min(usage.cached_tokens, usage.input_tokens),
-                cache_creation_tokens=min(
-                    usage.cache_creation_tokens,
-                    max(0, usage.input_tokens - usage.cached_tokens),
-                ),
-                explicit_cache=usage.explicit_cache,
-                thinking=thinking,
-            )
+            self._settle_claimed(usage)
+
+    def _settle_claimed(self, usage: _Usage) -> None:
+        # A call made in thinking mode is priced as one (R13), reasoning reported or not.
+        thinking = self._request.thinking or usage.reasoning_tokens > 0
+        self.record = self._reservation.settle(
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.request_id,
+            cached_tokens=min(usage.cached_tokens, usage.input_tokens),
+            cache_creation_tokens=min(
+                usage.cache_creation_tokens,
+                max(0, usage.input_tokens - usage.cached_tokens),
+            ),
+            explicit_cache=usage.explicit_cache,
+            thinking=thinking,
+        )
 
     def release(self) -> None:
         if self._claim():
@@ -1199,6 +1210,16 @@ class _Call:
             if mapped is not None:
                 raise mapped
             return result  # DashScope's style: errors are returned, not raised
+        if type(result) is dict:  # a JSON body: one step into the core reads and settles it
+            if self._claim():
+                done = self._reservation._settle_from(result)
+                if done is None:  # a shape the core leaves to the reading here
+                    self._end_claimed(_usage(result), result)
+                else:
+                    self.record, found = done
+                    if not found:
+                        self._warn_no_usage()
+            return result
         usage = _usage(result)
         if usage is None and self._request.max_output + self._request.input_tokens == 0:
             usage = _Usage(0, 0, request_id=_request_id(result))  # a batch: nothing reserved
@@ -1208,9 +1229,21 @@ class _Call:
             self.settle(usage)
         return result
 
+    def _end_claimed(self, usage: _Usage | None, result: Any) -> None:
+        if usage is None and self._request.max_output + self._request.input_tokens == 0:
+            usage = _Usage(0, 0, request_id=_request_id(result))  # a batch: nothing reserved
+        if usage is None:
+            self.record = self._reservation.settle_worst_case(in_doubt=False)
+            self._warn_no_usage()
+        else:
+            self._settle_claimed(usage)
+
     def no_usage(self) -> None:
         """A result without usage: the worst case, with a warning once per function."""
         self.worst_case(in_doubt=False)
+        self._warn_no_usage(stacklevel=5)
+
+    def _warn_no_usage(self, stacklevel: int = 4) -> None:
         name = self._name or "a guarded call"
         warn_once(
             name,
@@ -1218,6 +1251,7 @@ class _Call:
             f"({self._request.input_tokens + self._request.max_output:,} tokens for this one)",
             NoUsageWarning,
             _warned_no_usage,
+            stacklevel,
         )
 
     async def _finish_awaitable(self, awaitable: Awaitable[Any]) -> Any:
