@@ -245,19 +245,27 @@ def _byte_stream_bases(response: Any) -> tuple[type, type]:
     return module.SyncByteStream, module.AsyncByteStream
 
 
-_stream_classes: dict[tuple[type, type], tuple[type, type]] = {}
+# By response class: (its library's sync observer, async observer, async byte stream).
+_stream_classes: dict[type, tuple[type, type, type]] = {}
 _stream_lock = threading.Lock()
 
 
-def _stream_types(response: Any) -> tuple[type, type]:
+def _stream_types(response: Any) -> tuple[type, type, type]:
     """Byte-stream classes of the response's own HTTP library (httpx2 or httpx)."""
+    found = _stream_classes.get(type(response))
+    if found is not None:
+        return found
     bases = _byte_stream_bases(response)
     with _stream_lock:
-        found = _stream_classes.get(bases)
-        if found is None:
+        for known in _stream_classes.values():
+            if issubclass(known[0], bases[0]):  # the same library: the same classes
+                found = known
+                break
+        else:
             sync = type("GuardedByteStream", (_SyncObserver, bases[0]), {})
             asyn = type("GuardedAsyncByteStream", (_AsyncObserver, bases[1]), {})
-            found = _stream_classes[bases] = (sync, asyn)
+            found = (sync, asyn, bases[1])
+        _stream_classes[type(response)] = found
     return found
 
 
@@ -522,11 +530,9 @@ class _OpenAIHook:
         reader = _BodyReader(
             call, sse="event-stream" in content_type, opaque=encoding not in ("", "identity")
         )
-        sync_cls, async_cls = _stream_types(response)
-        if isinstance(response.stream, _byte_stream_bases(response)[1]):
-            response.stream = async_cls(response.stream, reader)
-        else:
-            response.stream = sync_cls(response.stream, reader)
+        sync_cls, async_cls, async_base = _stream_types(response)
+        observer = async_cls if isinstance(response.stream, async_base) else sync_cls
+        response.stream = observer(response.stream, reader)
 
     def _ended_batch(self, call: _Call) -> None:
         for model in getattr(call, "others", ()):

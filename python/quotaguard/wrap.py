@@ -37,7 +37,7 @@ import types
 import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import Any, NamedTuple, NoReturn, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import _core
 from .exceptions import AccountOverdue, FreeTierOnly, NoUsageWarning, QuotaGuardError
@@ -453,8 +453,9 @@ def image_tokens(source: Any, cap: int) -> int:
 # The request: model, input bound, output bound
 
 
-@dataclass(frozen=True)
-class _Request:
+class _Request(NamedTuple):
+    """What a call may bill at most (a tuple: made once per call, cheaply)."""
+
     model: str
     input_tokens: int
     max_tokens: int  # per choice, the answer
