@@ -147,18 +147,18 @@ class _Tracer:
         self.events = False
         self.sent = False
 
-    def _note(self, name: str) -> None:
+    # Called for every event of every request: kept to a few operations.
+    def sync(self, name: str, info: Any) -> None:
         self.events = True
         if name.endswith("send_request_body.complete"):
             self.sent = True
-
-    def sync(self, name: str, info: Any) -> None:
-        self._note(name)
         if self._chained is not None:
             self._chained(name, info)
 
     async def asynchronous(self, name: str, info: Any) -> None:
-        self._note(name)
+        self.events = True
+        if name.endswith("send_request_body.complete"):
+            self.sent = True
         if self._chained is not None:
             await self._chained(name, info)
 

@@ -1198,12 +1198,13 @@ class _Call:
 
     def finish(self, result: Any) -> Any:
         """Settle on a returned result; a stream is wrapped to settle when it ends."""
-        if hasattr(result, "__anext__"):
-            return GuardedAsyncStream(result, self)
-        if hasattr(result, "__next__"):
-            return GuardedStream(result, self)
-        if inspect.isawaitable(result):  # a plain function that returned a coroutine
-            return self._finish_awaitable(result)
+        if type(result) is not dict:  # a plain dict (a JSON body) is neither of these
+            if hasattr(result, "__anext__"):
+                return GuardedAsyncStream(result, self)
+            if hasattr(result, "__next__"):
+                return GuardedStream(result, self)
+            if inspect.isawaitable(result):  # a plain function that returned a coroutine
+                return self._finish_awaitable(result)
         error = _returned_error(result)
         if error is not None:
             self.release()
