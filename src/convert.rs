@@ -7,7 +7,7 @@ use rust_decimal::Decimal;
 
 use crate::errors::{type_error, PyQuotaError};
 use quotaguard_core::clock::{milliseconds_hint, parse_instant, SHOWN_MAX_MS, SHOWN_MIN_MS};
-use quotaguard_core::guard::check_tokens;
+use quotaguard_core::guard::{check_tokens, MAX_TOKENS};
 use quotaguard_core::money::from_decimal;
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -329,8 +329,9 @@ pub fn body_usage(body: &Bound<'_, PyAny>) -> PyResult<Option<Option<BodyUsage>>
     ) else {
         return Ok(None);
     };
-    // Negative counts are Python's to refuse, with its message.
-    let to_u = |n: i64| u64::try_from(n).ok();
+    // Counts no call can have (negative, beyond a billion) are Python's to refuse, with
+    // its message.
+    let to_u = |n: i64| u64::try_from(n).ok().filter(|n| *n <= MAX_TOKENS);
     let (Some(input), Some(output), Some(cached_u), Some(created_u), Some(reasoning_u)) = (
         to_u(inp),
         to_u(out),

@@ -222,6 +222,12 @@ def test_an_answer_without_usage_is_its_worst_case_with_a_warning(
         {"prompt_tokens": -3, "completion_tokens": 5},  # refused, as the full reading does
         {"total_tokens": 2, "output_tokens": 5},
         {"prompt_tokens": 10**30, "completion_tokens": 1},
+        {"prompt_tokens": 2 * 10**9, "completion_tokens": 1},
+        {
+            "prompt_tokens": 10,
+            "completion_tokens": 1,
+            "prompt_tokens_details": {"cached_tokens": -1},
+        },
     ],
 )
 def test_counts_it_cannot_take_are_left_to_the_full_reading(
