@@ -2,12 +2,12 @@
 use chrono::{DateTime, FixedOffset};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
 use rust_decimal::Decimal;
 
 use crate::errors::{type_error, PyQuotaError};
 use quotaguard_core::clock::{milliseconds_hint, parse_instant, SHOWN_MAX_MS, SHOWN_MIN_MS};
-use quotaguard_core::guard::check_tokens;
+use quotaguard_core::guard::{check_tokens, MAX_TOKENS};
 use quotaguard_core::money::from_decimal;
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -202,4 +202,152 @@ pub fn opt_instant(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Optio
         Some(o) if o.is_none() => Ok(None),
         Some(o) => instant(o, what).map(Some),
     }
+}
+
+/// Usage as a response body reports it, read as `quotaguard.wrap` reads it.
+pub struct BodyUsage {
+    pub input: u64,
+    pub output: u64,
+    pub cached: u64,
+    pub created: u64,
+    pub explicit: bool,
+    pub reasoning: u64,
+    pub request_id: Option<String>,
+}
+
+/// `obj[name]` of a dict; `None` when absent, or when `obj` is not a dict.
+fn item<'py>(obj: Option<&Bound<'py, PyAny>>, name: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
+    match obj.map(|o| o.cast::<PyDict>()) {
+        Some(Ok(d)) => Ok(d.get_item(name)?.filter(|v| !v.is_none())),
+        _ => Ok(None),
+    }
+}
+
+/// An int that is not a bool, as an i64; `Err(())` for one out of range.
+fn int_of(v: Option<Bound<'_, PyAny>>) -> Result<Option<i64>, ()> {
+    match v {
+        Some(v) if v.is_instance_of::<PyInt>() && !v.is_instance_of::<PyBool>() => {
+            v.extract::<i64>().map(Some).map_err(|_| ())
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The first non-zero `group.name` of `usage` over `groups`, else 0.
+fn detail(usage: &Bound<'_, PyAny>, groups: &[&str], name: &str) -> PyResult<Result<i64, ()>> {
+    for group in groups {
+        let g = item(Some(usage), group)?;
+        match int_of(item(g.as_ref(), name)?) {
+            Ok(Some(n)) if n != 0 => return Ok(Ok(n)),
+            Ok(_) => {}
+            Err(()) => return Ok(Err(())),
+        }
+    }
+    Ok(Ok(0))
+}
+
+/// The request id of a response body: `request_id`, else `id`, else `_request_id`.
+pub fn request_id(body: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+    for name in ["request_id", "id", "_request_id"] {
+        if let Some(v) = item(Some(body), name)? {
+            if let Ok(s) = v.cast::<PyString>() {
+                let s = s.to_string_lossy();
+                if !s.is_empty() {
+                    return Ok(Some(s.into_owned()));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+const INPUT_DETAILS: [&str; 2] = ["prompt_tokens_details", "input_tokens_details"];
+const OUTPUT_DETAILS: [&str; 2] = ["completion_tokens_details", "output_tokens_details"];
+
+/// The usage a response body (a dict) reports: `Some(Some(usage))`, `Some(None)` when it
+/// reports none (no `usage`, or all zeros), `None` for a body this reading leaves to
+/// Python's (not a dict, a `usage` that is not one, counts out of range).
+pub fn body_usage(body: &Bound<'_, PyAny>) -> PyResult<Option<Option<BodyUsage>>> {
+    if body.cast::<PyDict>().is_err() {
+        return Ok(None);
+    }
+    let Some(usage) = item(Some(body), "usage")? else {
+        return Ok(Some(None));
+    };
+    if usage.cast::<PyDict>().is_err() {
+        return Ok(None);
+    }
+    let read = |name: &str| int_of(item(Some(&usage), name).ok().flatten());
+    let (Ok(input_field), Ok(prompt), Ok(out_field), Ok(completion), Ok(total), Ok(images)) = (
+        read("input_tokens"),
+        read("prompt_tokens"),
+        read("output_tokens"),
+        read("completion_tokens"),
+        read("total_tokens"),
+        read("image_tokens"),
+    ) else {
+        return Ok(None);
+    };
+    let mut inp = input_field.or(prompt);
+    let out = out_field.or(completion);
+    if inp.is_none() {
+        if let Some(t) = total {
+            // DashScope embeddings report only the total.
+            let Some(i) = t.checked_sub(out.unwrap_or(0)) else {
+                return Ok(None);
+            };
+            inp = Some(i);
+        }
+    }
+    if let Some(i) = images.filter(|i| *i != 0) {
+        if input_field.is_none() && total.is_none() {
+            // Multimodal embeddings: text tokens + image tokens.
+            let Some(sum) = inp.unwrap_or(0).checked_add(i) else {
+                return Ok(None);
+            };
+            inp = Some(sum);
+        }
+    }
+    let (inp, out) = (inp.unwrap_or(0), out.unwrap_or(0));
+    if inp == 0 && out == 0 {
+        // DashScope fills an absent usage with zeros; a real call bills at least one token.
+        return Ok(Some(None));
+    }
+    let mut cache_type = None;
+    for group in INPUT_DETAILS {
+        let g = item(Some(&usage), group)?;
+        if let Some(v) = item(g.as_ref(), "cache_type")? {
+            if let Ok(s) = v.cast::<PyString>() {
+                cache_type = Some(s.to_string_lossy().into_owned());
+            }
+        }
+    }
+    let (Ok(created), Ok(cached), Ok(reasoning)) = (
+        detail(&usage, &INPUT_DETAILS, "cache_creation_input_tokens")?,
+        detail(&usage, &INPUT_DETAILS, "cached_tokens")?,
+        detail(&usage, &OUTPUT_DETAILS, "reasoning_tokens")?,
+    ) else {
+        return Ok(None);
+    };
+    // Counts no call can have (negative, beyond a billion) are Python's to refuse, with
+    // its message.
+    let to_u = |n: i64| u64::try_from(n).ok().filter(|n| *n <= MAX_TOKENS);
+    let (Some(input), Some(output), Some(cached_u), Some(created_u), Some(reasoning_u)) = (
+        to_u(inp),
+        to_u(out),
+        to_u(cached),
+        to_u(created),
+        to_u(reasoning),
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(Some(BodyUsage {
+        input,
+        output,
+        cached: cached_u,
+        created: created_u,
+        explicit: cache_type.as_deref() == Some("ephemeral") || created > 0,
+        reasoning: reasoning_u,
+        request_id: request_id(body)?,
+    })))
 }

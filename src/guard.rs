@@ -100,7 +100,33 @@ pub fn _redact(text: &str) -> String {
 
 /// The Qwen vocabulary, loaded on first use with the interpreter detached.
 fn vocabulary(py: Python<'_>) -> Option<Arc<Vocabulary>> {
-    gated(py, tokens::vocabulary)
+    match tokens::loaded_vocabulary() {
+        Some(ready) => ready,
+        None => gated(py, tokens::vocabulary),
+    }
+}
+
+/// The input bound of chat messages (`(role, content)` pairs), with the interpreter
+/// detached for long texts.
+fn chat_tokens(py: Python<'_>, pairs: &[(String, String)]) -> u64 {
+    let vocab = vocabulary(py);
+    let v = vocab.as_deref();
+    let work = || {
+        let msgs: Vec<ChatMessage<'_>> = pairs
+            .iter()
+            .map(|(r, c)| ChatMessage {
+                role: r,
+                content: c,
+            })
+            .collect();
+        tokens::chat_bound(v, &msgs)
+    };
+    let size: usize = pairs.iter().map(|(_, c)| c.len()).sum();
+    if size > 4096 {
+        gated(py, work)
+    } else {
+        work()
+    }
 }
 
 /// Points the input bound at a `qwen.tiktoken` vocabulary file (loaded on first use).
@@ -215,6 +241,25 @@ impl PyQuotaGuard {
 }
 
 impl PyQuotaGuard {
+    /// After a hold: `warn_no_free_quota` when the call is not wholly covered by free
+    /// quota. A warning turned into an error releases the hold: the call is not made.
+    fn warn_if_not_free(
+        &self,
+        py: Python<'_>,
+        model: &str,
+        row: &ReservationRow,
+        hold: &BudgetHold,
+        now: Now,
+    ) -> PyResult<()> {
+        if row.free_part < row.worst {
+            if let Err(e) = self.warn_no_free_quota(py, model, now) {
+                let _ = self.run(py, |g| g.release(row, hold, true, now));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// The first call to `model` that free quota does not cover in full: a
     /// `NoFreeQuotaWarning` (once per guard and model) when the model has no free quota
     /// here at all: never granted (a name the catalogue does not know gets the closest
@@ -328,6 +373,168 @@ fn text_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
     }
 }
 
+/// The keys of a chat request body the fast path reads, or knows not to bear on what
+/// the call may bill. Any other key sends the body to the full reading.
+const FAST_CHAT_KEYS: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "enable_thinking",
+    "thinking_budget",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "user",
+];
+
+/// A chat request read by the fast path: exactly what the full reading finds for it.
+struct FastChat {
+    model: String,
+    pairs: Vec<(String, String)>,
+    max_tokens: u64,
+    thinking_tokens: u64,
+    choices: u64,
+    thinking: bool,
+}
+
+/// A whole-number option as the full reading takes it: `Ok(None)` when absent or not an
+/// int (a bool is not one), `Err(())` for one the fast path leaves to the full reading
+/// (negative, or beyond any token count).
+fn fast_int(v: Option<Bound<'_, PyAny>>) -> Result<Option<u64>, ()> {
+    let Some(v) = v else { return Ok(None) };
+    if !v.is_instance_of::<pyo3::types::PyInt>() || v.is_instance_of::<pyo3::types::PyBool>() {
+        return Ok(None);
+    }
+    match v.extract::<u64>() {
+        Ok(n) if n <= 1_000_000_000 => Ok(Some(n)),
+        _ => Err(()),
+    }
+}
+
+impl FastChat {
+    fn read(body: &Bound<'_, PyDict>, guard: &Guard) -> PyResult<Option<Self>> {
+        for key in body.keys() {
+            let key = key.cast_into::<PyString>().map_err(PyErr::from)?;
+            if !FAST_CHAT_KEYS.contains(&key.to_str()?) {
+                return Ok(None);
+            }
+        }
+        let model = match body.get_item("model")? {
+            Some(m) => match m.cast::<PyString>() {
+                Ok(m) if !m.to_str()?.is_empty() => m.to_str()?.to_string(),
+                _ => return Ok(None),
+            },
+            None => return Ok(None),
+        };
+        let Some(messages) = body.get_item("messages")? else {
+            return Ok(None);
+        };
+        let Ok(messages) = messages.cast::<PyList>() else {
+            return Ok(None);
+        };
+        let mut pairs = Vec::with_capacity(messages.len());
+        for m in messages.iter() {
+            let Ok(m) = m.cast::<PyDict>() else {
+                return Ok(None);
+            };
+            let mut role = String::from("user");
+            let mut content = String::new();
+            for (k, v) in m.iter() {
+                let Ok(k) = k.cast::<PyString>() else {
+                    return Ok(None);
+                };
+                match k.to_str()? {
+                    "role" if v.is_none() => {}
+                    "role" => match v.cast::<PyString>() {
+                        Ok(r) => {
+                            let r = r.to_string_lossy();
+                            if r == "tool" || r == "function" {
+                                return Ok(None); // framed as a tool result
+                            }
+                            if !r.is_empty() {
+                                role = r.into_owned();
+                            }
+                        }
+                        Err(_) => return Ok(None),
+                    },
+                    "content" if v.is_none() => {}
+                    "content" => match v.cast::<PyString>() {
+                        Ok(c) => {
+                            let c = c.to_string_lossy();
+                            if c.contains("fileid://") {
+                                return Ok(None); // unbounded: the full reading decides
+                            }
+                            content = c.into_owned();
+                        }
+                        Err(_) => return Ok(None),
+                    },
+                    _ => return Ok(None),
+                }
+            }
+            pairs.push((role, content));
+        }
+        let catalog = guard.catalog();
+        let known = catalog.model(&model);
+        let Ok(max_tokens) = fast_int(body.get_item("max_tokens")?) else {
+            return Ok(None);
+        };
+        let max_tokens = match max_tokens {
+            Some(n) => n,
+            None => match fast_int(body.get_item("max_completion_tokens")?) {
+                Ok(Some(n)) => n,
+                Ok(None) => catalog.default_max_output(&model),
+                Err(()) => return Ok(None),
+            },
+        };
+        let mode = known.map_or(quotaguard_core::catalog::Thinking::None, |m| m.thinking);
+        let thinking = match mode {
+            quotaguard_core::catalog::Thinking::Always => true,
+            _ => match body.get_item("enable_thinking")? {
+                Some(v) if !v.is_none() => match v.cast::<pyo3::types::PyBool>() {
+                    Ok(b) => b.is_true(),
+                    Err(_) => return Ok(None),
+                },
+                _ => mode == quotaguard_core::catalog::Thinking::Default,
+            },
+        };
+        let thinking_tokens = if thinking {
+            match fast_int(body.get_item("thinking_budget")?) {
+                Ok(Some(n)) => n,
+                Ok(None) => known.map_or(catalog.defaults.max_reasoning_tokens, |m| {
+                    m.max_reasoning_tokens
+                }),
+                Err(()) => return Ok(None),
+            }
+        } else {
+            0
+        };
+        let choices = match fast_int(body.get_item("n")?) {
+            Ok(n) => n.unwrap_or(1).max(1),
+            Err(()) => return Ok(None),
+        };
+        Ok(Some(Self {
+            model,
+            pairs,
+            max_tokens,
+            thinking_tokens,
+            choices,
+            thinking,
+        }))
+    }
+}
+
 #[pymethods]
 impl PyQuotaGuard {
     #[new]
@@ -385,7 +592,8 @@ impl PyQuotaGuard {
         let warn = py.get_type::<LedgerPermissionWarning>();
         for w in guard.ledger_warnings() {
             let msg = format!("ledger {}: {w}", config::redacted(guard.ledger_name()));
-            PyErr::warn(py, warn.as_any(), &CString::new(msg).unwrap_or_default(), 1)?;
+            // Level 2: the user's line that made the guard, not quotaguard's own.
+            PyErr::warn(py, warn.as_any(), &CString::new(msg).unwrap_or_default(), 2)?;
         }
         Ok(Self {
             inner: Arc::new(guard),
@@ -646,13 +854,7 @@ impl PyQuotaGuard {
         let (row, hold) = me.run(py, |g| {
             g.reserve(model, input, max_out, kind, thinking, now)
         })?;
-        if row.free_part < row.worst {
-            if let Err(e) = me.warn_no_free_quota(py, model, now) {
-                // A warning turned into an error: the call is not made, nothing stays held.
-                let _ = me.run(py, |g| g.release(&row, &hold, true, now));
-                return Err(e);
-            }
-        }
+        me.warn_if_not_free(py, model, &row, &hold, now)?;
         Ok(PyReservation {
             guard: slf.clone().unbind(),
             row,
@@ -660,6 +862,54 @@ impl PyQuotaGuard {
             max_output_tokens: max_out,
             done: AtomicBool::new(false),
         })
+    }
+
+    /// The fast path of a guarded chat call: from its request body as it is (a dict),
+    /// counts the input and reserves the worst case in one step. `None` when the body
+    /// holds anything this path does not read exactly as the full reading does (tools,
+    /// content parts, nested options, another endpoint's fields): nothing is held then,
+    /// and the caller reads the request in full. Returns `(reservation, model,
+    /// input_tokens, max_tokens, thinking_tokens, choices, thinking)`.
+    #[pyo3(signature = (body, kind="realtime"))]
+    #[allow(clippy::type_complexity)]
+    fn _reserve_chat(
+        slf: &Bound<'_, Self>,
+        body: &Bound<'_, PyDict>,
+        kind: &str,
+    ) -> PyResult<Option<(PyReservation, String, u64, u64, u64, u64, bool)>> {
+        let py = slf.py();
+        let me = slf.get();
+        let Some(chat) = FastChat::read(body, &me.inner)? else {
+            return Ok(None);
+        };
+        let input = chat_tokens(py, &chat.pairs);
+        let max_out = chat
+            .max_tokens
+            .saturating_add(chat.thinking_tokens)
+            .saturating_mul(chat.choices);
+        let kind = q(Kind::parse(kind))?;
+        let now = me.now_ms(py)?;
+        let (model, thinking) = (chat.model.as_str(), chat.thinking);
+        let (row, hold) = me.run(py, |g| {
+            g.reserve(model, input, max_out, kind, thinking, now)
+        })?;
+        me.warn_if_not_free(py, model, &row, &hold, now)?;
+        let reservation = PyReservation {
+            guard: slf.clone().unbind(),
+            row,
+            hold,
+            max_output_tokens: max_out,
+            done: AtomicBool::new(false),
+        };
+        Ok(Some((
+            reservation,
+            chat.model,
+            input,
+            chat.max_tokens,
+            chat.thinking_tokens,
+            chat.choices,
+            chat.thinking,
+        )))
     }
 
     /// R6-R8 for a call whose cost is not known before it is sent: `reason` is
@@ -1340,6 +1590,56 @@ impl PyReservation {
     fn settle_worst_case(&self, py: Python<'_>, in_doubt: bool) -> PyResult<PyUsageRecord> {
         let (row, hold) = (&self.row, &self.hold);
         self.settle_with(py, |g, now| g.settle_worst_case(row, hold, in_doubt, now))
+    }
+
+    /// Settles from a response body as it is (a dict, e.g. a JSON answer): its `usage`
+    /// read as the full reading does, in one step. `(record, True)` when it reported
+    /// usage (or the call reserved nothing); `(record, False)` when it reported none:
+    /// the worst case is then recorded (not in doubt). `None` when the body is of a
+    /// shape this path does not read: nothing is settled then.
+    fn _settle_from(
+        &self,
+        py: Python<'_>,
+        body: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<(PyUsageRecord, bool)>> {
+        let Some(read) = crate::convert::body_usage(body)? else {
+            return Ok(None);
+        };
+        let (row, hold) = (&self.row, &self.hold);
+        match read {
+            Some(u) => {
+                let usage = Usage {
+                    input_tokens: u.input,
+                    output_tokens: u.output,
+                    cached_tokens: u.cached.min(u.input),
+                    cache_write_tokens: u.created.min(u.input.saturating_sub(u.cached)),
+                    explicit_cache: u.explicit,
+                    thinking: row.thinking || u.reasoning > 0,
+                    in_doubt: false,
+                };
+                let rid = u.request_id.as_deref();
+                let record =
+                    self.settle_with(py, |g, now| g.settle(row, hold, &usage, rid, now))?;
+                Ok(Some((record, true)))
+            }
+            None if row.worst == 0 => {
+                // Nothing was reserved (a batch): its id is recorded, at 0/0.
+                let usage = Usage {
+                    thinking: row.thinking,
+                    ..Default::default()
+                };
+                let rid = crate::convert::request_id(body)?;
+                let rid = rid.as_deref();
+                let record =
+                    self.settle_with(py, |g, now| g.settle(row, hold, &usage, rid, now))?;
+                Ok(Some((record, true)))
+            }
+            None => {
+                let record =
+                    self.settle_with(py, |g, now| g.settle_worst_case(row, hold, false, now))?;
+                Ok(Some((record, false)))
+            }
+        }
     }
 
     /// Whether the call was reserved in thinking mode.

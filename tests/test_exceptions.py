@@ -331,9 +331,11 @@ def test_other_service_codes_change_nothing() -> None:
 def test_unbounded_and_unguarded_refusals() -> None:
     guard = qg.QuotaGuard("memory://")
     guard.grant(MODEL)
-    guard._check_uncounted(MODEL, "unbounded", "enable_search")  # switch off: goes ahead
+    guard._core._check_uncounted(MODEL, "unbounded", "enable_search")  # switch off: goes ahead
     guard.set_free_only(MODEL)
-    e = raised(lambda: guard._check_uncounted(MODEL, "unbounded", "enable_search"), FreeTierOnly)
+    e = raised(
+        lambda: guard._core._check_uncounted(MODEL, "unbounded", "enable_search"), FreeTierOnly
+    )
     assert (e.reason, e.model, e.remaining, e.service_code) == (
         "unbounded",
         MODEL,
@@ -342,12 +344,14 @@ def test_unbounded_and_unguarded_refusals() -> None:
     )
     assert "enable_search" in str(e) and "max_input_tokens=" in str(e)
     speech = "POST /audio/speech"
-    e = raised(lambda: guard._check_uncounted(None, "unguarded", speech), FreeTierOnly)
+    e = raised(lambda: guard._core._check_uncounted(None, "unguarded", speech), FreeTierOnly)
     assert (e.reason, e.model) == ("unguarded", "")
     assert str(e).startswith("POST /audio/speech cannot be guarded")
     roundtrip(e)
     unverified = qg.QuotaGuard("memory://", verified=False)
-    e = raised(lambda: unverified._check_uncounted("qwen-plus", "unguarded", "X"), FreeTierOnly)
+    e = raised(
+        lambda: unverified._core._check_uncounted("qwen-plus", "unguarded", "X"), FreeTierOnly
+    )
     assert "not identity-verified" in str(e)
     with pytest.raises(ValueError, match="sideways"):
-        guard._check_uncounted(MODEL, "sideways", "x")
+        guard._core._check_uncounted(MODEL, "sideways", "x")

@@ -755,7 +755,7 @@ def test_doctor_finds_a_ledger_changed_behind_its_back(
 def test_every_engine_checks_clean(any_guard: qg.QuotaGuard, clock: Clock) -> None:
     any_guard.grant(MODEL)
     any_guard.reserve(MODEL, 10, 10).settle(10, 10)
-    any_guard._mark_depleted("qwen-plus")
+    any_guard._core._mark_depleted("qwen-plus")
     any_guard.compact(clock.now + dt.timedelta(seconds=1))
     assert any_guard.check() == []
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import pickle
+import pydoc
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from conftest import CST, Clock
 
 import quotaguard as qg
-from quotaguard import AccountOverdue, FreeTierOnly, QuotaGuardError
+from quotaguard import AccountOverdue, FreeTierOnly, QuotaGuardError, _core
 
 UTC = dt.timezone.utc
 DAY = dt.timedelta(days=1)
@@ -1215,3 +1217,22 @@ def test_quota_guard_is_not_picklable_by_accident(guard: qg.QuotaGuard) -> None:
     # A guard holds a ledger connection: it must not silently pickle into a copy.
     with pytest.raises((TypeError, pickle.PicklingError)):
         pickle.dumps(guard)
+    with pytest.raises(TypeError, match="cannot pickle or copy a QuotaGuard"):
+        copy.copy(guard)
+
+
+def test_the_public_class_shows_none_of_the_cores_hooks() -> None:
+    # QuotaGuard holds the Rust core rather than extending it: the core's private hooks
+    # (budgets, alert sink, uncounted checks...) are not attributes of the public class.
+    hooks = {n for n in dir(_core.QuotaGuard) if n.startswith("_") and not n.startswith("__")}
+    assert {"_check_uncounted", "_record_usage", "_open_budget", "_set_alert_sink"} <= hooks
+    shown = set(dir(qg.QuotaGuard))
+    assert not hooks & shown, sorted(hooks & shown)
+    assert not issubclass(qg.QuotaGuard, _core.QuotaGuard)
+    # Every public name of the core is on the public class, with help text of its own.
+    public = {n for n in dir(_core.QuotaGuard) if not n.startswith("_")}
+    assert public <= shown, sorted(public - shown)
+    page = pydoc.render_doc(qg.QuotaGuard, renderer=pydoc.plaintext)
+    for hook in hooks:
+        assert f"{hook}(" not in page and f" {hook}\n" not in page, hook
+    assert "reserve(self, model: 'str', input_tokens: 'int'" in page

@@ -668,7 +668,7 @@ def budget_text(b: Budget) -> str:
         parts.append(f"{used:,}/{b.tokens_limit:,} tokens used, {left or 0:,} left")
     else:
         parts.append(f"{used:,} tokens used")
-    currency = b._guard.currency
+    currency = b._core.currency
     if b.cost_limit is not None:
         parts.append(
             f"{money(spent)}/{money(b.cost_limit)} {currency} spent, "
@@ -681,7 +681,7 @@ def budget_text(b: Budget) -> str:
 
 def budget_html(b: Budget) -> str:
     used, spent, left, cost_left = b._state()
-    currency = b._guard.currency
+    currency = b._core.currency
     rows = []
     if b.tokens_limit is not None:
         frac = 0.0 if b.tokens_limit == 0 else (left or 0) / b.tokens_limit

@@ -813,7 +813,7 @@ def cmd_prices(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     guard = _guard(args)
-    found = guard._check_all()
+    found = guard._core._check_all()
     problems = [text for problem, text in found if problem]
     if _json(args):
         _print_json(

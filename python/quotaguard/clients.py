@@ -33,7 +33,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 from ._format import client_repr
 from .exceptions import UnguardedWarning, _entry
@@ -44,6 +44,7 @@ from .wrap import (
     _CallArgs,
     _plain,
     _raise_for,
+    _Request,
     _returned_error,
     _Usage,
     acall_guarded,
@@ -68,7 +69,7 @@ def check_unguarded(guard: Guard, model: Any, what: str) -> None:
     Only on for its model, or any model when it names none; an unverified or overdue
     account), else let through with a warning once per method."""
     name = model if isinstance(model, str) and model else None
-    guard._check_uncounted(name, "unguarded", what)
+    guard._core._check_uncounted(name, "unguarded", what)
     warn_once(
         what,
         f"{what} cannot be guarded: it was sent unguarded, and what it bills is not in the "
@@ -133,8 +134,7 @@ _FREE_POSTS = (
 _ID = re.compile(r"/(?=[^/]*\d)[^/]{12,}")  # path segments that are ids, for warnings
 
 
-def _rel_path(client: Any, url: Any) -> str:
-    base = str(client.base_url).rstrip("/")
+def _rel_path(base: str, url: Any) -> str:
     full = str(url).split("?", 1)[0]
     path = full[len(base) :] if full.startswith(base) else "/" + full.split("/", 3)[-1]
     return "/" + path.strip("/")
@@ -148,18 +148,18 @@ class _Tracer:
         self.events = False
         self.sent = False
 
-    def _note(self, name: str) -> None:
+    # Called for every event of every request: kept to a few operations.
+    def sync(self, name: str, info: Any) -> None:
         self.events = True
         if name.endswith("send_request_body.complete"):
             self.sent = True
-
-    def sync(self, name: str, info: Any) -> None:
-        self._note(name)
         if self._chained is not None:
             self._chained(name, info)
 
     async def asynchronous(self, name: str, info: Any) -> None:
-        self._note(name)
+        self.events = True
+        if name.endswith("send_request_body.complete"):
+            self.sent = True
         if self._chained is not None:
             await self._chained(name, info)
 
@@ -246,39 +246,57 @@ def _byte_stream_bases(response: Any) -> tuple[type, type]:
     return module.SyncByteStream, module.AsyncByteStream
 
 
-_stream_classes: dict[tuple[type, type], tuple[type, type]] = {}
+# By response class: (its library's sync observer, async observer, async byte stream).
+_stream_classes: dict[type, tuple[type, type, type]] = {}
 _stream_lock = threading.Lock()
 
 
-def _stream_types(response: Any) -> tuple[type, type]:
+def _stream_types(response: Any) -> tuple[type, type, type]:
     """Byte-stream classes of the response's own HTTP library (httpx2 or httpx)."""
+    found = _stream_classes.get(type(response))
+    if found is not None:
+        return found
     bases = _byte_stream_bases(response)
     with _stream_lock:
-        found = _stream_classes.get(bases)
-        if found is None:
+        for known in _stream_classes.values():
+            if issubclass(known[0], bases[0]):  # the same library: the same classes
+                found = known
+                break
+        else:
             sync = type("GuardedByteStream", (_SyncObserver, bases[0]), {})
             asyn = type("GuardedAsyncByteStream", (_AsyncObserver, bases[1]), {})
-            found = _stream_classes[bases] = (sync, asyn)
+            found = (sync, asyn, bases[1])
+        _stream_classes[type(response)] = found
     return found
 
 
-class _SyncObserver:
+class _Observer:
+    """A response body's byte stream as it passes the reader (sync or async below):
+    each piece fed to it, a failure mid-body ending the call, the end settling it."""
+
     def __init__(self, inner: Any, reader: _BodyReader) -> None:
         self._inner = inner
         self._reader = reader
 
+    def _failed(self, exc: BaseException) -> None:
+        if not isinstance(exc, GeneratorExit) and not self._reader.call.ended:
+            _end_failed(self._reader.call, exc)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._reader.closed()
+
+
+class _SyncObserver(_Observer):
     def __iter__(self) -> Iterator[bytes]:
-        call = self._reader.call
+        feed = self._reader.feed
         try:
             for data in self._inner:
-                out = self._reader.feed(data)
+                out = feed(data)
                 if out:
                     yield out
-        except GeneratorExit:
-            raise
         except BaseException as exc:
-            if not call.ended:
-                _end_failed(call, exc)
+            self._failed(exc)
             raise
         rest = self._reader.end()
         if rest:
@@ -290,28 +308,17 @@ class _SyncObserver:
         finally:
             self._reader.closed()
 
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self._reader.closed()
 
-
-class _AsyncObserver:
-    def __init__(self, inner: Any, reader: _BodyReader) -> None:
-        self._inner = inner
-        self._reader = reader
-
+class _AsyncObserver(_Observer):
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        call = self._reader.call
+        feed = self._reader.feed
         try:
             async for data in self._inner:
-                out = self._reader.feed(data)
+                out = feed(data)
                 if out:
                     yield out
-        except GeneratorExit:
-            raise
         except BaseException as exc:
-            if not call.ended:
-                _end_failed(call, exc)
+            self._failed(exc)
             raise
         rest = self._reader.end()
         if rest:
@@ -323,16 +330,24 @@ class _AsyncObserver:
         finally:
             self._reader.closed()
 
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self._reader.closed()
-
 
 def _end_failed(call: _Call, exc: BaseException) -> None:
     """A body cut while it was read (a timeout, a reset, a cancellation): the request
     reached the service, so the call is in doubt unless its final usage was seen."""
     call.sent = True
     call.fail(exc)
+
+
+def _unsent(call: _Call, tracer: _Tracer, exc: BaseException) -> NoReturn:
+    """Sending failed: the call ends as far as the request went (the tracer knows)."""
+    call.sent = tracer.verdict(exc)
+    _raise_for(call, exc)
+
+
+def _unread(call: _Call, exc: BaseException) -> None:
+    """The answer could not be read: the request was sent."""
+    if not call.ended:
+        _end_failed(call, exc)
 
 
 def _json_body(request: Any) -> Any:
@@ -361,16 +376,18 @@ class _OpenAIHook:
         self.client = client
         self.send_raw = send
         self.options = options
+        # Clipping and fallback change a request: those calls take the full reading.
+        self.direct = not options.clip and not options.fallback
+        self.base = str(client.base_url).rstrip("/")
 
     # ---- what a request is ----
 
     def route(self, request: Any) -> tuple[str, str] | None:
         """(endpoint, path) of a request to guard, ("unguarded", path) of one that
         cannot be, None for one that bills nothing."""
-        method = request.method.upper()
-        path = _rel_path(self.client, request.url)
-        if method != "POST":
+        if request.method.upper() != "POST":
             return None  # listing, retrieving, deleting: nothing is billed
+        path = _rel_path(self.base, request.url)
         if path in _ENDPOINTS:
             return _ENDPOINTS[path], path
         if any(p.match(path) for p in _FREE_POSTS):
@@ -398,10 +415,26 @@ class _OpenAIHook:
                 # Without it the stream never reports usage; the chunk added is hidden.
                 body["stream_options"] = {**stream_options, "include_usage": True}
                 hide = True
-        args = _CallArgs.of_body(body)
-        if endpoint == "batches":
+        held = None
+        if endpoint == "chat" and self.direct:
+            # One step into the core: the input counted from the messages as they are,
+            # and the worst case reserved (None: a request it leaves to the full reading).
+            held = self.guard._core._reserve_chat(body)
+        if held is not None:
+            call = _Call(
+                self.guard,
+                _Request(*held[1:]),
+                held[0],
+                hide_usage_chunk=hide,
+                sent=False,
+                name=f"POST {path}",
+            )
+            args = None
+        elif endpoint == "batches":
+            args = _CallArgs.of_body(body)
             call = self._batch(args, models)
         else:
+            args = _CallArgs.of_body(body)
             options = Options(
                 clip=self.options.clip,
                 fallback=self.options.fallback,
@@ -412,11 +445,12 @@ class _OpenAIHook:
             )
             call = begin(self.guard, args, options, sent=False)
         tracer = _Tracer(request.extensions.get("trace"))
-        if args.kwargs == sent_body:  # the body goes as it is: the request is kept
+        final = body if args is None else args.kwargs
+        if final == sent_body:  # the body goes as it is: the request is kept
             request.headers["accept-encoding"] = "identity"
             request.extensions = {**request.extensions, "trace": self._trace_fn(tracer)}
             return request, call, tracer
-        return self._rebuild(request, args.kwargs, tracer), call, tracer
+        return self._rebuild(request, final, tracer), call, tracer
 
     def _batch(self, args: _CallArgs, models: list[str] | None) -> _Call:
         """A batch never draws on free quota (R4): refused under Free Quota Only or for an
@@ -426,7 +460,7 @@ class _OpenAIHook:
         if models is None:
             models = self._file_models(args.get("input_file_id"))
         for model in models[1:]:
-            self.guard.reserve(model, 0, 0, "batch").release()  # refused like the first
+            self.guard._core.reserve(model, 0, 0, "batch").release()  # refused like the first
         options = Options(model=models[0], kind="batch", input_tokens=0, max_output=0)
         call = begin(self.guard, args, options, sent=False)
         call.others = models[1:]  # type: ignore[attr-defined]
@@ -459,26 +493,29 @@ class _OpenAIHook:
 
     def answer(self, call: _Call, response: Any, stream: bool) -> Any:
         """A response arrived: release on an error status, else read usage as it passes."""
-        call.sent = True
-        if response.status_code >= 400:
-            response.read()
+        failed = self._answered(call, response)
+        if failed or not stream:
+            response.read()  # an error's body, or a whole answer: settles at its end
+        if failed:
             self._error(call, response)
-            return response
-        self._observe(call, response)
-        if not stream:
-            response.read()  # settles at the end of the body
         return response
 
     async def aanswer(self, call: _Call, response: Any, stream: bool) -> Any:
+        failed = self._answered(call, response)
+        if failed or not stream:
+            await response.aread()
+        if failed:
+            self._error(call, response)
+        return response
+
+    def _answered(self, call: _Call, response: Any) -> bool:
+        """The request reached the service; True for an error answer, else its body is
+        observed from now on."""
         call.sent = True
         if response.status_code >= 400:
-            await response.aread()
-            self._error(call, response)
-            return response
+            return True
         self._observe(call, response)
-        if not stream:
-            await response.aread()
-        return response
+        return False
 
     def _error(self, call: _Call, response: Any) -> None:
         call.release()  # an error answer bills nothing
@@ -494,16 +531,16 @@ class _OpenAIHook:
         reader = _BodyReader(
             call, sse="event-stream" in content_type, opaque=encoding not in ("", "identity")
         )
-        sync_cls, async_cls = _stream_types(response)
-        if isinstance(response.stream, _byte_stream_bases(response)[1]):
-            response.stream = async_cls(response.stream, reader)
-        else:
-            response.stream = sync_cls(response.stream, reader)
+        sync_cls, async_cls, async_base = _stream_types(response)
+        observer = async_cls if isinstance(response.stream, async_base) else sync_cls
+        response.stream = observer(response.stream, reader)
 
     def _ended_batch(self, call: _Call) -> None:
         for model in getattr(call, "others", ()):
             record = call.record
-            self.guard._record_usage(model, 0, 0, getattr(record, "request_id", None), kind="batch")
+            self.guard._core._record_usage(
+                model, 0, 0, getattr(record, "request_id", None), kind="batch"
+            )
 
     # ---- one attempt ----
 
@@ -517,17 +554,13 @@ class _OpenAIHook:
         try:
             response = self.send_raw(request, stream=True, **kwargs)
         except BaseException as exc:
-            call.sent = tracer.verdict(exc)
-            _raise_for(call, exc)
+            _unsent(call, tracer, exc)
         try:
             response = self.answer(call, response, stream)
         except BaseException as exc:  # the answer could not be read: it was sent
-            if not call.ended:
-                _end_failed(call, exc)
+            _unread(call, exc)
             raise
-        if call.ended and call.request.kind == "batch":
-            self._ended_batch(call)
-        return response
+        return self._answered_in_full(call, response)
 
     async def asend(self, request: Any, *, stream: bool, **kwargs: Any) -> Any:
         route = self.route(request)
@@ -542,14 +575,15 @@ class _OpenAIHook:
         try:
             response = await self.send_raw(request, stream=True, **kwargs)
         except BaseException as exc:
-            call.sent = tracer.verdict(exc)
-            _raise_for(call, exc)
+            _unsent(call, tracer, exc)
         try:
             response = await self.aanswer(call, response, stream)
         except BaseException as exc:
-            if not call.ended:
-                _end_failed(call, exc)
+            _unread(call, exc)
             raise
+        return self._answered_in_full(call, response)
+
+    def _answered_in_full(self, call: _Call, response: Any) -> Any:
         if call.ended and call.request.kind == "batch":
             self._ended_batch(call)
         return response
@@ -646,11 +680,17 @@ class _Resource(_Proxy):
             return value
         path = f"{self._path}.{name}"
         if _is_resource(value):
-            return _Resource(value, self._guard, path)
+            # The SDK's resources and their methods are fixed for a client: kept here,
+            # the next access finds them without passing this method.
+            self.__dict__[name] = wrapped = _Resource(value, self._guard, path)
+            return wrapped
         if callable(value) and not isinstance(value, type):
             if name == "connect":
                 return _unguarded_method(self._guard, value, f"client.{path}")
-            return _bound_method(value)
+            method = _bound_method(value)
+            if getattr(value, "__self__", None) is self._target:
+                self.__dict__[name] = method
+            return method
         return value
 
 
@@ -818,48 +858,51 @@ def _session_support() -> bool:
         return False
 
 
-class _RequestsSession:
-    """The ``requests`` session dashscope sends through, seen by the guard: a second send
-    of one call (dashscope resends once on a dropped connection) is an attempt of its
-    own, reserved anew; each send tells whether the request may have left."""
+class _Session:
+    """The session dashscope sends through, seen by the guard: a second send of one call
+    (dashscope resends once on a dropped connection) is an attempt of its own, reserved
+    anew; each send tells whether the request may have left."""
 
     def __init__(self, inner: Any, call: _Call) -> None:
         self._inner = inner
         self._call = call
         self._sends = 0
 
-    def post(self, url: Any, **kwargs: Any) -> Any:
+    def _attempt(self) -> None:
         self._sends += 1
         if self._sends > 1:
             self._call.renew()
-        try:
-            response = self._inner.post(url, **kwargs)
-        except BaseException as exc:
-            self._call.sent = not never_sent(exc)
-            raise
-        self._call.sent = True
-        return response
+
+    def _failed(self, exc: BaseException) -> None:
+        self._call.sent = not never_sent(exc)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
 
-class _AioSession:
-    """The aiohttp counterpart of :class:`_RequestsSession`."""
+class _RequestsSession(_Session):
+    """A ``requests`` session."""
 
-    def __init__(self, inner: Any, call: _Call) -> None:
-        self._inner = inner
-        self._call = call
-        self._sends = 0
+    def post(self, url: Any, **kwargs: Any) -> Any:
+        self._attempt()
+        try:
+            response = self._inner.post(url, **kwargs)
+        except BaseException as exc:
+            self._failed(exc)
+            raise
+        self._call.sent = True
+        return response
+
+
+class _AioSession(_Session):
+    """An aiohttp session."""
 
     async def _send(self, send: Callable[[], Any]) -> Any:
-        self._sends += 1
-        if self._sends > 1:
-            self._call.renew()
+        self._attempt()
         try:
             response = await send()
         except BaseException as exc:
-            self._call.sent = not never_sent(exc)
+            self._failed(exc)
             raise
         self._call.sent = True
         return response
@@ -869,9 +912,6 @@ class _AioSession:
 
     async def post(self, url: Any, **kwargs: Any) -> Any:
         return await self._send(lambda: self._inner.post(url, **kwargs))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 # dashscope tells an aiohttp session from a requests one by its class: named
@@ -948,7 +988,7 @@ class _Application(_Proxy):
         if bound is None:
             bound = self._options.max_input_tokens
         if model is None or bound is None:
-            self._guard._check_uncounted(model, "unbounded", "application")
+            self._guard._core._check_uncounted(model, "unbounded", "application")
             result = self._target.call(*args, **kwargs)
             return _AppResult(self._guard, None, model).finish(result)
         options = Options(model=model, input_tokens=int(bound), name="Application.call")
@@ -1012,7 +1052,7 @@ class _AppResult:
             if self.call is not None and name == self.model and not self.call.ended:
                 self.call.settle(_Usage(inp, out, request_id=request_id))
             elif isinstance(name, str):
-                self.guard._record_usage(name, inp, out, request_id)
+                self.guard._core._record_usage(name, inp, out, request_id)
         if self.call is not None and not self.call.ended:
             self.call.no_usage()
 

@@ -37,7 +37,7 @@ import types
 import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import Any, NamedTuple, NoReturn, ParamSpec, Protocol, TypeVar, cast, overload
 
 from . import _core
 from .exceptions import AccountOverdue, FreeTierOnly, NoUsageWarning, QuotaGuardError, _entry
@@ -115,9 +115,11 @@ class Reservation(Protocol):
 
     def settle_worst_case(self, *, in_doubt: bool = False) -> object: ...
 
+    def _settle_from(self, body: object) -> tuple[object, bool] | None: ...
 
-class Guard(Protocol):
-    """The part of ``quotaguard.QuotaGuard`` this module uses."""
+
+class Core(Protocol):
+    """The part of the Rust core's guard (``QuotaGuard._core``) this module uses."""
 
     def reserve(
         self,
@@ -144,7 +146,9 @@ class Guard(Protocol):
 
     def remaining(self, model: str) -> int: ...
 
-    def service_error(self, model: str, code: str, message: str = "") -> BaseException | None: ...
+    def _reserve_chat(
+        self, body: dict[str, Any], kind: str = "realtime"
+    ) -> tuple[Reservation, str, int, int, int, int, bool] | None: ...
 
     def _check_uncounted(self, model: str | None, reason: str, detail: str) -> None: ...
 
@@ -159,6 +163,16 @@ class Guard(Protocol):
         cached_tokens: int | None = None,
         thinking: bool = False,
     ) -> object: ...
+
+
+class Guard(Protocol):
+    """The part of ``quotaguard.QuotaGuard`` this module uses: its core, and its
+    mapping of service errors."""
+
+    @property
+    def _core(self) -> Core: ...
+
+    def service_error(self, model: str, code: str, message: str = "") -> BaseException | None: ...
 
 
 # --------------------------------------------------------------------------------------
@@ -439,8 +453,9 @@ def image_tokens(source: Any, cap: int) -> int:
 # The request: model, input bound, output bound
 
 
-@dataclass(frozen=True)
-class _Request:
+class _Request(NamedTuple):
+    """What a call may bill at most (a tuple: made once per call, cheaply)."""
+
     model: str
     input_tokens: int
     max_tokens: int  # per choice, the answer
@@ -660,7 +675,7 @@ def _input_tokens(
         q = query if isinstance(query, str) else _json(query)
         instruct = call.option("instruct")
         pairs = [f"{instruct or ''}\n{q}\n{d}" for d in docs]
-        tokens = guard.input_bound(input=pairs, extra_tokens=RERANK_PAIR_TOKENS * len(docs))
+        tokens = guard._core.input_bound(input=pairs, extra_tokens=RERANK_PAIR_TOKENS * len(docs))
         return tokens, reader.unbounded
 
     chat: list[dict[str, str]] = []
@@ -676,12 +691,12 @@ def _input_tokens(
         raw_input = None
     if endpoint == "completions" and isinstance(prompt, list | tuple):
         prompts = [p if isinstance(p, str) else _json(p) for p in prompt]
-        bound = sum(guard.input_bound(prompt=reader._text(p)) for p in prompts)
+        bound = sum(guard._core.input_bound(prompt=reader._text(p)) for p in prompts)
         return bound, reader.unbounded
     said = [s if isinstance(s, str) else _json(s) for s in (prompt, text) if _given(s) and s]
     if len(said) == 1 and not chat and not tools and not _given(messages):
         if endpoint not in ("embeddings",):
-            return guard.input_bound(prompt=reader._text(said[0])), reader.unbounded
+            return guard._core.input_bound(prompt=reader._text(said[0])), reader.unbounded
     chat.extend({"role": "user", "content": reader._text(s)} for s in said)
     if tools:
         block = reader.tools(tools)
@@ -691,7 +706,7 @@ def _input_tokens(
         else:
             system["content"] += block
     if chat or _given(messages):
-        return guard.input_bound(messages=chat, extra_tokens=reader.extra), reader.unbounded
+        return guard._core.input_bound(messages=chat, extra_tokens=reader.extra), reader.unbounded
     if _given(raw_input):
         if endpoint == "multimodal_embedding" or (
             isinstance(raw_input, list | tuple) and any(isinstance(x, Mapping) for x in raw_input)
@@ -699,14 +714,16 @@ def _input_tokens(
             parts = [_plain(x) for x in raw_input]
             texts = [reader.content([p]) for p in parts]
             return (
-                guard.input_bound(input=[t for t in texts if t], extra_tokens=reader.extra),
+                guard._core.input_bound(input=[t for t in texts if t], extra_tokens=reader.extra),
                 reader.unbounded,
             )
         texts, ids = _embedding_input(raw_input)
         instruct = call.option("instruct")
         if isinstance(instruct, str):
             texts.append(instruct)
-        return guard.input_bound(input=texts, extra_tokens=reader.extra + ids), reader.unbounded
+        return guard._core.input_bound(
+            input=texts, extra_tokens=reader.extra + ids
+        ), reader.unbounded
     raise TypeError(
         "a guarded call needs messages=, prompt= or input= to bound its input tokens (R8)"
     )
@@ -743,7 +760,7 @@ def read_request(
         model = call.get("model")
     if not isinstance(model, str) or not model:
         raise TypeError("a guarded call needs a model: pass model= to the call or to wrap()")
-    info = guard.model_info(model)
+    info = guard._core.model_info(model)
     stated = call.pop("max_input_tokens")
     if stated is None:
         stated = max_input_tokens
@@ -753,7 +770,7 @@ def read_request(
         input_tokens, unbounded = _input_tokens(guard, call, info, endpoint)
         if unbounded:
             if stated is None:
-                guard._check_uncounted(model, "unbounded", ", ".join(unbounded))
+                guard._core._check_uncounted(model, "unbounded", ", ".join(unbounded))
             else:
                 input_tokens = max(input_tokens, stated)
     if max_output is not None:
@@ -763,7 +780,9 @@ def read_request(
         if max_tokens is None:
             max_tokens = _int(call.option(name))
     if max_tokens is None:
-        max_tokens = int(info.get("default_max_output_tokens") or guard.default_max_output(model))
+        max_tokens = int(
+            info.get("default_max_output_tokens") or guard._core.default_max_output(model)
+        )
     thinking = _thinking(call, info)
     thinking_tokens = 0
     if thinking:
@@ -779,7 +798,7 @@ def read_request(
 def reserve(guard: Guard, call: _CallArgs, request: _Request, clip: bool) -> Reservation:
     """Reserve the worst case; with ``clip``, shrink the call's max tokens to what is left."""
     try:
-        return guard.reserve(
+        return guard._core.reserve(
             request.model,
             request.input_tokens,
             request.max_output,
@@ -789,7 +808,9 @@ def reserve(guard: Guard, call: _CallArgs, request: _Request, clip: bool) -> Res
     except FreeTierOnly as refused:
         if not clip or isinstance(refused, AccountOverdue):
             raise
-        per_choice = (guard.remaining(request.model) - request.input_tokens) // request.choices
+        per_choice = (
+            guard._core.remaining(request.model) - request.input_tokens
+        ) // request.choices
         if request.thinking_tokens:
             thinking = min(request.thinking_tokens, per_choice // 2)
             answer = min(request.max_tokens, per_choice - thinking)
@@ -807,7 +828,7 @@ def reserve(guard: Guard, call: _CallArgs, request: _Request, clip: bool) -> Res
         if not done:
             raise  # the function takes no max tokens: it cannot be clipped
         out = (answer + thinking) * request.choices
-        return guard.reserve(
+        return guard._core.reserve(
             request.model, request.input_tokens, out, request.kind, thinking=request.thinking
         )
 
@@ -836,7 +857,7 @@ def reserve_with_fallback(
                 kind=request.kind,
             )
         try:
-            held = guard.reserve(
+            held = guard._core.reserve(
                 model,
                 candidate.input_tokens,
                 candidate.max_output,
@@ -1033,13 +1054,15 @@ _warned_no_usage: set[str] = set()
 _warned_lock = threading.Lock()
 
 
-def warn_once(key: str, message: str, category: type[Warning], registry: set[str]) -> None:
+def warn_once(
+    key: str, message: str, category: type[Warning], registry: set[str], stacklevel: int = 4
+) -> None:
     """``warnings.warn`` once per key and process."""
     with _warned_lock:
         if key in registry:
             return
         registry.add(key)
-    warnings.warn(message, category, stacklevel=4)
+    warnings.warn(message, category, stacklevel=stacklevel)
 
 
 # --------------------------------------------------------------------------------------
@@ -1092,20 +1115,23 @@ class _Call:
 
     def settle(self, usage: _Usage) -> None:
         if self._claim():
-            # A call made in thinking mode is priced as one (R13), reasoning reported or not.
-            thinking = self._request.thinking or usage.reasoning_tokens > 0
-            self.record = self._reservation.settle(
-                usage.input_tokens,
-                usage.output_tokens,
-                usage.request_id,
-                cached_tokens=min(usage.cached_tokens, usage.input_tokens),
-                cache_creation_tokens=min(
-                    usage.cache_creation_tokens,
-                    max(0, usage.input_tokens - usage.cached_tokens),
-                ),
-                explicit_cache=usage.explicit_cache,
-                thinking=thinking,
-            )
+            self._settle_claimed(usage)
+
+    def _settle_claimed(self, usage: _Usage) -> None:
+        # A call made in thinking mode is priced as one (R13), reasoning reported or not.
+        thinking = self._request.thinking or usage.reasoning_tokens > 0
+        self.record = self._reservation.settle(
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.request_id,
+            cached_tokens=min(usage.cached_tokens, usage.input_tokens),
+            cache_creation_tokens=min(
+                usage.cache_creation_tokens,
+                max(0, usage.input_tokens - usage.cached_tokens),
+            ),
+            explicit_cache=usage.explicit_cache,
+            thinking=thinking,
+        )
 
     def release(self) -> None:
         if self._claim():
@@ -1128,7 +1154,7 @@ class _Call:
             old.release(failed=True)
         else:
             old.settle_worst_case(in_doubt=True)
-        self._reservation = self._guard.reserve(
+        self._reservation = self._guard._core.reserve(
             self._request.model,
             self._request.input_tokens,
             self._request.max_output,
@@ -1172,12 +1198,13 @@ class _Call:
 
     def finish(self, result: Any) -> Any:
         """Settle on a returned result; a stream is wrapped to settle when it ends."""
-        if hasattr(result, "__anext__"):
-            return GuardedAsyncStream(result, self)
-        if hasattr(result, "__next__"):
-            return GuardedStream(result, self)
-        if inspect.isawaitable(result):  # a plain function that returned a coroutine
-            return self._finish_awaitable(result)
+        if type(result) is not dict:  # a plain dict (a JSON body) is neither of these
+            if hasattr(result, "__anext__"):
+                return GuardedAsyncStream(result, self)
+            if hasattr(result, "__next__"):
+                return GuardedStream(result, self)
+            if inspect.isawaitable(result):  # a plain function that returned a coroutine
+                return self._finish_awaitable(result)
         error = _returned_error(result)
         if error is not None:
             self.release()
@@ -1185,6 +1212,16 @@ class _Call:
             if mapped is not None:
                 raise mapped
             return result  # DashScope's style: errors are returned, not raised
+        if type(result) is dict:  # a JSON body: one step into the core reads and settles it
+            if self._claim():
+                done = self._reservation._settle_from(result)
+                if done is None:  # a shape the core leaves to the reading here
+                    self._end_claimed(_usage(result), result)
+                else:
+                    self.record, found = done
+                    if not found:
+                        self._warn_no_usage()
+            return result
         usage = _usage(result)
         if usage is None and self._request.max_output + self._request.input_tokens == 0:
             usage = _Usage(0, 0, request_id=_request_id(result))  # a batch: nothing reserved
@@ -1194,9 +1231,21 @@ class _Call:
             self.settle(usage)
         return result
 
+    def _end_claimed(self, usage: _Usage | None, result: Any) -> None:
+        if usage is None and self._request.max_output + self._request.input_tokens == 0:
+            usage = _Usage(0, 0, request_id=_request_id(result))  # a batch: nothing reserved
+        if usage is None:
+            self.record = self._reservation.settle_worst_case(in_doubt=False)
+            self._warn_no_usage()
+        else:
+            self._settle_claimed(usage)
+
     def no_usage(self) -> None:
         """A result without usage: the worst case, with a warning once per function."""
         self.worst_case(in_doubt=False)
+        self._warn_no_usage(stacklevel=5)
+
+    def _warn_no_usage(self, stacklevel: int = 4) -> None:
         name = self._name or "a guarded call"
         warn_once(
             name,
@@ -1204,6 +1253,7 @@ class _Call:
             f"({self._request.input_tokens + self._request.max_output:,} tokens for this one)",
             NoUsageWarning,
             _warned_no_usage,
+            stacklevel,
         )
 
     async def _finish_awaitable(self, awaitable: Awaitable[Any]) -> Any:

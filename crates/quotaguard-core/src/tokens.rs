@@ -630,23 +630,58 @@ pub fn chat_bound(vocab: Option<&Vocabulary>, messages: &[ChatMessage<'_>]) -> u
     total
 }
 
-/// The vocabulary the input bound uses in this process: where it is (loaded on first use).
-static ACTIVE: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// The vocabulary the input bound uses in this process: where it is, and the vocabulary
+/// once loaded from there (so that a call finds it without touching the file system).
+struct Active {
+    path: Option<PathBuf>,
+    loaded: Option<Arc<Vocabulary>>,
+}
+
+static ACTIVE: Mutex<Active> = Mutex::new(Active {
+    path: None,
+    loaded: None,
+});
+
+fn active() -> std::sync::MutexGuard<'static, Active> {
+    ACTIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Points the input bound at a `qwen.tiktoken` vocabulary file (`None`: none, byte bounds).
 pub fn set_vocabulary_path(path: Option<PathBuf>) {
-    *ACTIVE.lock().unwrap_or_else(|p| p.into_inner()) = path;
+    let mut a = active();
+    a.path = path;
+    a.loaded = None;
 }
 
 /// The path of the vocabulary the input bound uses, if any.
 pub fn vocabulary_path() -> Option<PathBuf> {
-    ACTIVE.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    active().path.clone()
 }
 
 /// The vocabulary the input bound uses, loaded once; `None` without one (or when it
 /// cannot be read: the bound then counts bytes, which is safe).
 pub fn vocabulary() -> Option<Arc<Vocabulary>> {
-    cached_vocabulary(&vocabulary_path()?).ok()
+    if let Some(ready) = loaded_vocabulary() {
+        return ready;
+    }
+    let path = vocabulary_path()?;
+    let vocab = cached_vocabulary(&path).ok()?;
+    let mut a = active();
+    if a.path.as_deref() == Some(path.as_path()) {
+        a.loaded = Some(Arc::clone(&vocab));
+    }
+    Some(vocab)
+}
+
+/// The vocabulary without any file-system work: `Some(None)` when none is set,
+/// `Some(Some(v))` once it is loaded, `None` while it still has to be loaded.
+pub fn loaded_vocabulary() -> Option<Option<Arc<Vocabulary>>> {
+    let a = active();
+    match (&a.path, &a.loaded) {
+        (None, _) => Some(None),
+        (Some(_), Some(v)) => Some(Some(Arc::clone(v))),
+        (Some(_), None) => None,
+    }
 }
 
 /// The vocabulary at `path`, loaded once per process and path. A failed load
