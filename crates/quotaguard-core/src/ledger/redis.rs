@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redis::{ConnectionLike, RedisError, RedisResult, Value};
+use redis::{ConnectionLike, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
 
 use super::{
     AccountOp, AccountRow, DailyRow, Finish, GrantArgs, Hold, HoldRequest, HourRow, Inspection,
@@ -51,6 +51,8 @@ const PENDING_AGE_MS: i64 = 30_000;
 /// How often a guard looks for settles left pending by a crash.
 const RECOVERY_EVERY_MS: i64 = 60_000;
 const SEP: char = '\u{1f}';
+/// How many times a step is run again when the server lost its scripts meanwhile.
+const NOSCRIPT_RETRIES: u32 = 16;
 
 enum Conn {
     Single(redis::Connection),
@@ -320,7 +322,8 @@ impl Redis {
     ) -> Step<T> {
         let pid = crate::process::pid();
         let mut slot = self.conn.lock();
-        for attempt in 0..2 {
+        let (mut attempt, mut unloaded) = (0, 0);
+        loop {
             if slot.as_ref().is_some_and(|(p, _)| *p != pid) {
                 // The parent's socket: never read or closed from the child.
                 if let Some(inherited) = slot.take() {
@@ -340,17 +343,25 @@ impl Redis {
                 Ok(v) => return Ok(v),
                 Err(e) if is_down(&e) => {
                     *slot = None;
-                    if attempt == 1 {
+                    attempt += 1;
+                    if attempt == 2 {
                         return Err(StepError::Down(self.err(format!(
                             "lost the connection to the server: {}",
                             self.describe(&e)
                         ))));
                     }
                 }
+                // The script was flushed between its reload and its run (`Script::invoke`
+                // reloads once): it did not run, so running it again is safe.
+                Err(e)
+                    if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+                        && unloaded < NOSCRIPT_RETRIES =>
+                {
+                    unloaded += 1;
+                }
                 Err(e) => return Err(StepError::Other(self.err(self.describe(&e)))),
             }
         }
-        unreachable!("the loop returns")
     }
 
     fn epoch_file(&self, account: &str) -> Option<PathBuf> {
