@@ -1,6 +1,7 @@
 //! The embedded default ledger: one SQLite file shared by every thread,
 //! process and guard that opens it. WAL mode, `BEGIN IMMEDIATE` around each
 //! read-decide-write step, a busy timeout, and a versioned schema.
+use std::cell::Cell;
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fs;
@@ -369,11 +370,7 @@ impl Sqlite {
         let started = Instant::now();
         let conn = loop {
             let conn = self.connection()?;
-            conn.busy_timeout(BUSY_SLICE)
-                .map_err(|e| db_err(&self.name, e))?;
-            let begun = exec_cached(&conn, begin);
-            conn.busy_timeout(BUSY_TIMEOUT)
-                .map_err(|e| db_err(&self.name, e))?;
+            let begun = waiting_at_most(BUSY_SLICE, || exec_cached(&conn, begin));
             match begun {
                 Ok(()) => break conn,
                 Err(e) if is_busy(&e) && started.elapsed() < BUSY_TIMEOUT => {
@@ -481,6 +478,43 @@ fn side_file(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(p)
 }
 
+thread_local! {
+    /// How long a wait for a lock may last on this thread, and when the current one began.
+    static WAIT: Cell<(Duration, Option<Instant>)> = const { Cell::new((BUSY_TIMEOUT, None)) };
+}
+
+/// Runs `f` with waits for a lock of at most `limit` each (else [`BUSY_TIMEOUT`]).
+fn waiting_at_most<R>(limit: Duration, f: impl FnOnce() -> R) -> R {
+    WAIT.with(|w| w.set((limit, None)));
+    let out = f();
+    WAIT.with(|w| w.set((BUSY_TIMEOUT, None)));
+    out
+}
+
+/// SQLite's busy handler: called while another process holds the lock, with the number
+/// of calls so far in this wait; true to try again. A step holds the lock for tens of
+/// microseconds, so a waiter yields, then sleeps from 10 µs doubling up to 1 ms, where
+/// SQLite's own timeout would sleep a millisecond at once and let the lock sit idle.
+fn busy_wait(count: i32) -> bool {
+    let now = Instant::now();
+    let (limit, began) = WAIT.with(|w| w.get());
+    let began = match began {
+        Some(b) if count > 0 => b,
+        _ => now,
+    };
+    WAIT.with(|w| w.set((limit, Some(began))));
+    if now.duration_since(began) >= limit {
+        return false;
+    }
+    match count {
+        0..=2 => std::thread::yield_now(),
+        n => std::thread::sleep(
+            Duration::from_micros(10 << (n - 3).min(7)).min(Duration::from_millis(1)),
+        ),
+    }
+    true
+}
+
 /// Runs one statement without rows, parsed once per connection (`BEGIN`, `COMMIT`).
 fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
@@ -495,8 +529,8 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 fn connect(path: &Path, durability: Durability, name: &str) -> Result<Connection> {
     // No SQLITE_OPEN_URI: a path is a path, never read as a URI.
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags).map_err(|e| db_err(name, e))?;
-    conn.busy_timeout(BUSY_TIMEOUT)
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| db_err(name, e))?;
+    conn.busy_handler(Some(busy_wait))
         .map_err(|e| db_err(name, e))?;
     // Small pages for a new file: every step rewrites a handful of pages in the WAL,
     // so each page written costs a quarter of the default's bytes.
