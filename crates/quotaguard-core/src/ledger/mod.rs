@@ -42,6 +42,14 @@ pub struct ReservationRow {
     pub expires_ms: i64,
 }
 
+/// What a settle or a release reads of the reservation it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub kind: Kind,
+    pub worst: u64,
+    pub expires_ms: i64,
+}
+
 /// One settled call (R11). Append-only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
@@ -562,21 +570,43 @@ pub trait Tx {
         now_ms: i64,
         except: Option<i64>,
     ) -> Result<u64>;
-    /// Inserts the reservation; returns its id (the row's, or a fresh one on a clash).
-    fn insert_reservation(&mut self, r: &ReservationRow) -> Result<i64>;
-    fn reservation(
+    /// What a reserve decides on: the quota, the free tokens live reservations hold at
+    /// `now_ms`, the account's standing and its kill switch.
+    fn snapshot(&mut self, account: &str, model: &str, now_ms: i64) -> Result<Snapshot> {
+        Ok(Snapshot {
+            quota: self.quota(account, model)?,
+            held: self.reserved(account, model, now_ms, None)?,
+            overdue: self.account(account)?.overdue,
+            blocked: self.blocked(account)?.is_some(),
+        })
+    }
+    /// The quota and the free tokens held by the other live reservations (all but
+    /// `except`), as a settle reads them.
+    fn quota_held(
         &mut self,
         account: &str,
         model: &str,
-        id: i64,
-    ) -> Result<Option<ReservationRow>>;
-    fn delete_reservation(&mut self, account: &str, model: &str, id: i64) -> Result<()>;
+        now_ms: i64,
+        except: Option<i64>,
+    ) -> Result<(Option<QuotaRow>, u64)> {
+        Ok((
+            self.quota(account, model)?,
+            self.reserved(account, model, now_ms, except)?,
+        ))
+    }
+    /// Sets the used tokens of a quota row that exists.
+    fn set_used(&mut self, account: &str, model: &str, used: u64) -> Result<()>;
+    /// Inserts the reservation; returns its id (the row's, or a fresh one on a clash).
+    fn insert_reservation(&mut self, r: &ReservationRow) -> Result<i64>;
+    /// Deletes the reservation and returns what a settle or a release reads of it.
+    fn take_reservation(&mut self, account: &str, model: &str, id: i64) -> Result<Option<Lease>>;
     fn account(&mut self, account: &str) -> Result<AccountRow>;
     fn put_account(&mut self, account: &str, a: &AccountRow) -> Result<()>;
     fn blocked(&mut self, account: &str) -> Result<Option<String>>;
     fn set_blocked(&mut self, account: &str, reason: Option<&str>, now_ms: i64) -> Result<()>;
-    /// Appends the record and adds it to the running totals.
-    fn append_record(&mut self, r: &mut UsageRecord) -> Result<()>;
+    /// Appends the record and adds it to the running totals, with the call's
+    /// statistics `d` for the record's hour (one write of the hour's row).
+    fn append_record(&mut self, r: &mut UsageRecord, d: &StatsDelta) -> Result<()>;
     fn bump_hour(
         &mut self,
         account: &str,
@@ -785,12 +815,7 @@ impl<B: Backend> Ledger for Local<B> {
     fn reserve(&self, r: &HoldRequest<'_>) -> Result<Hold> {
         let now = r.now.ms();
         self.0.write(|tx| {
-            let snap = Snapshot {
-                quota: tx.quota(r.account, r.model)?,
-                held: tx.reserved(r.account, r.model, now, None)?,
-                overdue: tx.account(r.account)?.overdue,
-                blocked: tx.blocked(r.account)?.is_some(),
-            };
+            let snap = tx.snapshot(r.account, r.model, now)?;
             let Some(free_part) = decide_hold(&snap, r, now) else {
                 let d = StatsDelta {
                     refusals: 1,
@@ -822,26 +847,22 @@ impl<B: Backend> Ledger for Local<B> {
             let (acct, model) = (r.account.as_str(), r.model.as_str());
             let (mut overrun, mut lease_expired) = (false, false);
             if let Some(id) = r.reservation {
-                match tx.reservation(acct, model, id)? {
+                match tx.take_reservation(acct, model, id)? {
                     Some(res) => {
                         lease_expired = res.expires_ms <= now;
                         overrun = r.input_tokens + r.output_tokens > res.worst;
-                        tx.delete_reservation(acct, model, id)?;
                     }
                     // Swept after its lease: the usage is still recorded (R9).
                     None => (lease_expired, overrun) = (true, true),
                 }
             }
-            let mut quota = tx.quota(acct, model)?;
-            let others = if overrun {
-                0
-            } else {
-                tx.reserved(acct, model, now, r.reservation)?
-            };
+            let (mut quota, others) = tx.quota_held(acct, model, now, r.reservation)?;
             let free = decide_take(quota.as_ref(), others, overrun, r, now);
             if let Some(q) = quota.as_mut() {
-                q.used += free;
-                tx.put_quota(acct, model, q)?;
+                if free > 0 {
+                    q.used += free;
+                    tx.set_used(acct, model, q.used)?;
+                }
             }
             let taken = Taken {
                 free,
@@ -857,16 +878,20 @@ impl<B: Backend> Ledger for Local<B> {
                     alerts.push(m.alert(model, left, now));
                 }
             }
-            tx.append_record(&mut c.record)?;
+            // The record's hour is the step's: its totals and the call's statistics share
+            // one row.
             let d = StatsDelta {
                 calls: 1,
                 input_tokens: r.input_tokens,
                 output_tokens: r.output_tokens,
                 ..Default::default()
             };
-            tx.bump_hour(acct, model, r.kind, hour_start(now), &d)?;
-            if let Some(a) = charge(tx.account(acct)?, c.record.cost)? {
-                tx.put_account(acct, &a)?;
+            tx.append_record(&mut c.record, &d)?;
+            // Only a cost can move a balance: a free call reads no account row.
+            if c.record.cost.is_some_and(|c| c > 0) {
+                if let Some(a) = charge(tx.account(acct)?, c.record.cost)? {
+                    tx.put_account(acct, &a)?;
+                }
             }
             Ok(Settled {
                 record: c.record,
@@ -885,16 +910,15 @@ impl<B: Backend> Ledger for Local<B> {
         now: Now,
     ) -> Result<Release> {
         self.0.write(|tx| {
-            let Some(r) = tx.reservation(account, model, id)? else {
+            let Some(r) = tx.take_reservation(account, model, id)? else {
                 return Ok(Release::Unknown);
             };
-            tx.delete_reservation(account, model, id)?;
             if failed {
                 let d = StatsDelta {
                     failures: 1,
                     ..Default::default()
                 };
-                tx.bump_hour(account, &r.model, r.kind, hour_start(now.ms()), &d)?;
+                tx.bump_hour(account, model, r.kind, hour_start(now.ms()), &d)?;
             }
             Ok(Release::Released)
         })

@@ -1,6 +1,7 @@
 //! The embedded default ledger: one SQLite file shared by every thread,
 //! process and guard that opens it. WAL mode, `BEGIN IMMEDIATE` around each
 //! read-decide-write step, a busy timeout, and a versioned schema.
+use std::cell::Cell;
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fs;
@@ -12,8 +13,8 @@ use parking_lot::{MappedMutexGuard, Mutex, MutexGuard};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
 
 use super::{
-    files, AccountRow, Backend, DailyRow, HourRow, RecordQuery, ReservationRow, StatsDelta, Tx,
-    UsageRecord, STALE_RESERVATION_MS,
+    files, AccountRow, Backend, DailyRow, HourRow, Lease, RecordQuery, ReservationRow, Snapshot,
+    StatsDelta, Tx, UsageRecord, STALE_RESERVATION_MS,
 };
 use crate::clock::{cst_day, hour_start, system_now_ms};
 use crate::error::{QuotaError, Result};
@@ -369,11 +370,7 @@ impl Sqlite {
         let started = Instant::now();
         let conn = loop {
             let conn = self.connection()?;
-            conn.busy_timeout(BUSY_SLICE)
-                .map_err(|e| db_err(&self.name, e))?;
-            let begun = conn.execute_batch(begin);
-            conn.busy_timeout(BUSY_TIMEOUT)
-                .map_err(|e| db_err(&self.name, e))?;
+            let begun = waiting_at_most(BUSY_SLICE, || exec_cached(&conn, begin));
             match begun {
                 Ok(()) => break conn,
                 Err(e) if is_busy(&e) && started.elapsed() < BUSY_TIMEOUT => {
@@ -390,7 +387,7 @@ impl Sqlite {
             }
         };
         match f(&conn) {
-            Ok(v) => match conn.execute_batch("COMMIT") {
+            Ok(v) => match exec_cached(&conn, "COMMIT") {
                 Ok(()) => Ok(v),
                 Err(e) => {
                     let _ = conn.execute_batch("ROLLBACK");
@@ -481,6 +478,48 @@ fn side_file(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(p)
 }
 
+thread_local! {
+    /// How long a wait for a lock may last on this thread, and when the current one began.
+    static WAIT: Cell<(Duration, Option<Instant>)> = const { Cell::new((BUSY_TIMEOUT, None)) };
+}
+
+/// Runs `f` with waits for a lock of at most `limit` each (else [`BUSY_TIMEOUT`]).
+fn waiting_at_most<R>(limit: Duration, f: impl FnOnce() -> R) -> R {
+    WAIT.with(|w| w.set((limit, None)));
+    let out = f();
+    WAIT.with(|w| w.set((BUSY_TIMEOUT, None)));
+    out
+}
+
+/// SQLite's busy handler: called while another process holds the lock, with the number
+/// of calls so far in this wait; true to try again. A step holds the lock for tens of
+/// microseconds, so a waiter yields, then sleeps from 10 µs doubling up to 1 ms, where
+/// SQLite's own timeout would sleep a millisecond at once and let the lock sit idle.
+fn busy_wait(count: i32) -> bool {
+    let now = Instant::now();
+    let (limit, began) = WAIT.with(|w| w.get());
+    let began = match began {
+        Some(b) if count > 0 => b,
+        _ => now,
+    };
+    WAIT.with(|w| w.set((limit, Some(began))));
+    if now.duration_since(began) >= limit {
+        return false;
+    }
+    match count {
+        0..=2 => std::thread::yield_now(),
+        n => std::thread::sleep(
+            Duration::from_micros(10 << (n - 3).min(7)).min(Duration::from_millis(1)),
+        ),
+    }
+    true
+}
+
+/// Runs one statement without rows, parsed once per connection (`BEGIN`, `COMMIT`).
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
@@ -490,8 +529,8 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 fn connect(path: &Path, durability: Durability, name: &str) -> Result<Connection> {
     // No SQLITE_OPEN_URI: a path is a path, never read as a URI.
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags).map_err(|e| db_err(name, e))?;
-    conn.busy_timeout(BUSY_TIMEOUT)
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| db_err(name, e))?;
+    conn.busy_handler(Some(busy_wait))
         .map_err(|e| db_err(name, e))?;
     // Small pages for a new file: every step rewrites a handful of pages in the WAL,
     // so each page written costs a quarter of the default's bytes.
@@ -629,6 +668,18 @@ fn sql_count(what: &str, v: u64) -> Result<i64> {
     })
 }
 
+/// A quota row from the first six columns.
+fn quota_at(r: &Row<'_>) -> rusqlite::Result<Option<QuotaRow>> {
+    Ok(Some(QuotaRow {
+        total: count_at(r, 0)?,
+        used: count_at(r, 1)?,
+        activated_ms: r.get(2)?,
+        valid_days: r.get::<_, u32>(3)?,
+        free_only: r.get(4)?,
+        configured: r.get(5)?,
+    }))
+}
+
 fn reservation_from(r: &Row<'_>) -> rusqlite::Result<ReservationRow> {
     let kind: String = r.get(3)?;
     Ok(ReservationRow {
@@ -732,6 +783,90 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
+    fn snapshot(&mut self, account: &str, model: &str, now_ms: i64) -> Result<Snapshot> {
+        // One statement for the four reads of a reserve, on a model with a quota row (a
+        // plain lookup of it: a statement whose plan rests on a bound value, as a join on
+        // a constant row's would, is prepared anew at every step).
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT total, used, activated_ms, valid_days, free_only, configured,
+                 (SELECT coalesce(sum(free_part), 0) FROM reservations
+                  WHERE account = ?1 AND model = ?2 AND expires_ms > ?3),
+                 (SELECT overdue FROM accounts WHERE account = ?1),
+                 (SELECT count(*) FROM blocks WHERE account = ?1)
+                 FROM quotas WHERE account = ?1 AND model = ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let found = st
+            .query_row(params![account, model, now_ms], |r| {
+                let quota = quota_at(r)?;
+                let held: i64 = r.get(6)?;
+                let overdue: Option<bool> = r.get(7)?;
+                let blocked: i64 = r.get(8)?;
+                Ok((quota, held, overdue.unwrap_or(false), blocked > 0))
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let Some((quota, held, overdue, blocked)) = found else {
+            return Ok(Snapshot {
+                quota: None,
+                held: self.reserved(account, model, now_ms, None)?,
+                overdue: self.account(account)?.overdue,
+                blocked: self.blocked(account)?.is_some(),
+            });
+        };
+        let held = u64::try_from(held)
+            .map_err(|_| ledger_err(self.name, format!("negative tokens held: {held}")))?;
+        Ok(Snapshot {
+            quota,
+            held,
+            overdue,
+            blocked,
+        })
+    }
+
+    fn quota_held(
+        &mut self,
+        account: &str,
+        model: &str,
+        now_ms: i64,
+        except: Option<i64>,
+    ) -> Result<(Option<QuotaRow>, u64)> {
+        // One statement for the two reads of a settle, on a model with a quota row.
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT total, used, activated_ms, valid_days, free_only, configured,
+                 (SELECT coalesce(sum(free_part), 0) FROM reservations
+                  WHERE account = ?1 AND model = ?2 AND id != ?4 AND expires_ms > ?3)
+                 FROM quotas WHERE account = ?1 AND model = ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let found = st
+            .query_row(params![account, model, now_ms, except.unwrap_or(-1)], |r| {
+                Ok((quota_at(r)?, r.get::<_, i64>(6)?))
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let Some((quota, held)) = found else {
+            return Ok((None, self.reserved(account, model, now_ms, except)?));
+        };
+        let held = u64::try_from(held)
+            .map_err(|_| ledger_err(self.name, format!("negative tokens held: {held}")))?;
+        Ok((quota, held))
+    }
+
+    fn set_used(&mut self, account: &str, model: &str, used: u64) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare_cached("UPDATE quotas SET used = ?3 WHERE account = ?1 AND model = ?2")
+            .map_err(|e| self.err(e))?;
+        st.execute(params![account, model, sql_count("used", used)?])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     fn quota_models(&mut self, account: &str) -> Result<Vec<String>> {
         let mut st = self
             .conn
@@ -800,34 +935,24 @@ impl Tx for SqliteTx<'_> {
         }
     }
 
-    fn reservation(
-        &mut self,
-        account: &str,
-        model: &str,
-        id: i64,
-    ) -> Result<Option<ReservationRow>> {
+    fn take_reservation(&mut self, account: &str, model: &str, id: i64) -> Result<Option<Lease>> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT id, account, model, kind, input_tokens, worst, free_part, created_ms, expires_ms,
-                 thinking FROM reservations WHERE account = ?1 AND model = ?2 AND id = ?3",
+                "DELETE FROM reservations WHERE account = ?1 AND model = ?2 AND id = ?3
+                 RETURNING kind, worst, expires_ms",
             )
             .map_err(|e| self.err(e))?;
-        st.query_row(params![account, model, id], reservation_from)
-            .optional()
-            .map_err(|e| self.err(e))
-    }
-
-    fn delete_reservation(&mut self, account: &str, model: &str, id: i64) -> Result<()> {
-        let mut st = self
-            .conn
-            .prepare_cached(
-                "DELETE FROM reservations WHERE account = ?1 AND model = ?2 AND id = ?3",
-            )
-            .map_err(|e| self.err(e))?;
-        st.execute(params![account, model, id])
-            .map_err(|e| self.err(e))?;
-        Ok(())
+        st.query_row(params![account, model, id], |r| {
+            let kind: String = r.get(0)?;
+            Ok(Lease {
+                kind: kind_of(&kind),
+                worst: count_at(r, 1)?,
+                expires_ms: r.get(2)?,
+            })
+        })
+        .optional()
+        .map_err(|e| self.err(e))
     }
 
     fn account(&mut self, account: &str) -> Result<AccountRow> {
@@ -882,7 +1007,7 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn append_record(&mut self, r: &mut UsageRecord) -> Result<()> {
+    fn append_record(&mut self, r: &mut UsageRecord, d: &StatsDelta) -> Result<()> {
         let mut st = self
             .conn
             .prepare_cached(
@@ -923,32 +1048,42 @@ impl Tx for SqliteTx<'_> {
             r.id = super::fresh_id();
         }
         let hour = hour_start(r.time_ms);
-        let old: Option<String> = {
+        // A call that cost nothing leaves the hour's money as it is: no need to read it.
+        let add = i128::from(r.cost.unwrap_or(0));
+        let cost = if add == 0 {
+            0
+        } else {
             let mut st = self
                 .conn
                 .prepare_cached(
                     "SELECT cost FROM totals WHERE account = ?1 AND hour_ms = ?2 AND model = ?3 AND kind = ?4",
                 )
                 .map_err(|e| self.err(e))?;
-            st.query_row(params![r.account, hour, r.model, r.kind.as_str()], |row| {
-                row.get(0)
-            })
-            .optional()
-            .map_err(|e| self.err(e))?
+            let old: Option<String> = st
+                .query_row(params![r.account, hour, r.model, r.kind.as_str()], |row| {
+                    row.get(0)
+                })
+                .optional()
+                .map_err(|e| self.err(e))?;
+            pico_sum(old.as_deref()) + add
         };
-        let cost = pico_sum(old.as_deref()) + i128::from(r.cost.unwrap_or(0));
         let mut st = self
             .conn
             .prepare_cached(
                 "INSERT INTO totals (account, hour_ms, model, kind, records, free_tokens,
-                 billable_input, billable_output, cost, unpriced_calls, currency)
-                 VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10)
+                 billable_input, billable_output, cost, unpriced_calls, currency,
+                 calls, refusals, failures, input_tokens, output_tokens)
+                 VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
                  ON CONFLICT (account, hour_ms, model, kind) DO UPDATE SET
+                   calls = calls + excluded.calls, refusals = refusals + excluded.refusals,
+                   failures = failures + excluded.failures,
+                   input_tokens = input_tokens + excluded.input_tokens,
+                   output_tokens = output_tokens + excluded.output_tokens,
                    records = records + 1,
                    free_tokens = free_tokens + excluded.free_tokens,
                    billable_input = billable_input + excluded.billable_input,
                    billable_output = billable_output + excluded.billable_output,
-                   cost = excluded.cost,
+                   cost = CASE WHEN ?16 THEN excluded.cost ELSE cost END,
                    unpriced_calls = unpriced_calls + excluded.unpriced_calls,
                    currency = excluded.currency",
             )
@@ -963,7 +1098,13 @@ impl Tx for SqliteTx<'_> {
             sql_count("billable_output_tokens", r.billable_output_tokens)?,
             cost.to_string(),
             i64::from(r.cost_type == CostType::Unpriced),
-            r.currency.code()
+            r.currency.code(),
+            sql_count("calls", d.calls)?,
+            sql_count("refusals", d.refusals)?,
+            sql_count("failures", d.failures)?,
+            sql_count("input_tokens", d.input_tokens)?,
+            sql_count("output_tokens", d.output_tokens)?,
+            add != 0
         ])
         .map_err(|e| self.err(e))?;
         Ok(())
