@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine as _;
+use hashbrown::hash_table::{Entry, HashTable};
 use regex_syntax::hir::{Class, HirKind};
 use rustc_hash::FxHashMap;
 use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
@@ -83,10 +84,16 @@ impl TokenError {
 }
 
 /// A tiktoken BPE vocabulary (`base64token rank` per line).
+///
+/// Compact so that it loads in a few milliseconds: the bytes of every token of up to
+/// 15 bytes sit one after another in `arena`, and `short` (hashbrown's raw table, 8
+/// bytes a slot) holds `rank << 32 | start << 4 | len` for each, found by the hash of
+/// the packed bytes (`pack`) and checked against the arena.
 pub struct Vocabulary {
-    /// Tokens of up to 15 bytes, packed by `pack` (no byte comparisons on
-    /// lookup: these are nearly all the lookups merging does).
-    short: FxHashMap<u128, u32>,
+    short: HashTable<u64>,
+    /// The bytes of the tokens in `short`, then 16 zero bytes (a 16-byte load at any
+    /// token's start stays inside).
+    arena: Box<[u8]>,
     /// Longer tokens.
     long: FxHashMap<Vec<u8>, u32>,
     /// Ranks of every two-byte string, indexed by `first << 8 | second`: the
@@ -125,86 +132,138 @@ impl Vocabulary {
             line,
             reason,
         };
-        let mut short: FxHashMap<u128, u32> = FxHashMap::default();
+        let lines_in_file = data.iter().filter(|&&b| b == b'\n').count() + 1;
+        let mut short: HashTable<u64> = HashTable::with_capacity(lines_in_file);
+        // Every token's base64 in `data` is longer than its bytes: they fit, with 16
+        // bytes to spare for reading any token's start as one u128.
+        let mut arena: Vec<u8> = vec![0; data.len() * 3 / 4 + 32];
+        let mut arena_end = 0;
         let mut long: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
-        // rank -> line, to reject a rank given twice as tiktoken does.
-        let mut lines: FxHashMap<u32, usize> = FxHashMap::default();
-        short.reserve(data.len() / 16);
-        lines.reserve(data.len() / 16);
+        // Ranks come in increasing order in tiktoken files, which rules out a rank given
+        // twice at no cost; `by_rank` (rank -> line) is only built if one comes out of
+        // order, to reject a rank given twice as tiktoken does.
+        let mut in_order: Vec<(u32, u32)> = Vec::with_capacity(lines_in_file);
+        let mut by_rank: Option<FxHashMap<u32, usize>> = None;
+        let mut tokens = 0usize;
         let mut pair_ranks = vec![NO_RANK; 1 << 16].into_boxed_slice();
         let mut max_token_len = 0;
+        let mut buf = [0u8; 96];
+        let mut small: [u8; 16];
+        let mut owned: Vec<u8>;
         for (index, raw) in data.split(|&b| b == b'\n').enumerate() {
             let line_no = index + 1;
-            let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-            let mut fields = line
-                .split(|b| b.is_ascii_whitespace())
-                .filter(|f| !f.is_empty());
-            let Some(token_b64) = fields.next() else {
-                continue;
+            // Lines as tiktoken writes them ("<base64> <digits>") take the fast path;
+            // any other goes through the general one, which also words the errors.
+            // `word`: a short token from the fast path, packed in a register.
+            let (token, rank, word): (&[u8], u32, Option<u128>) = match fast_line(raw, &mut buf) {
+                Some((len, rank, word)) if len <= PACKED_MAX => {
+                    small = word.to_le_bytes();
+                    (&small[..len], rank, Some(word))
+                }
+                Some((len, rank, _)) => (&buf[..len], rank, None),
+                None => {
+                    let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+                    let mut fields = line
+                        .split(|b| b.is_ascii_whitespace())
+                        .filter(|f| !f.is_empty());
+                    let Some(token_b64) = fields.next() else {
+                        continue;
+                    };
+                    let (Some(rank_text), None) = (fields.next(), fields.next()) else {
+                        return Err(malformed(
+                            line_no,
+                            format!("expected \"<base64 token> <rank>\", got {}", shown(line)),
+                        ));
+                    };
+                    owned = base64::engine::general_purpose::STANDARD
+                        .decode(token_b64)
+                        .map_err(|e| {
+                            malformed(
+                                line_no,
+                                format!("bad base64 token {}: {e}", shown(token_b64)),
+                            )
+                        })?;
+                    let rank = parse_rank(rank_text).ok_or_else(|| {
+                        malformed(line_no, format!("bad rank {}", shown(rank_text)))
+                    })?;
+                    (&owned[..], rank, None)
+                }
             };
-            let (Some(rank_text), None) = (fields.next(), fields.next()) else {
-                return Err(malformed(
-                    line_no,
-                    format!("expected \"<base64 token> <rank>\", got {}", shown(line)),
-                ));
-            };
-            // Decoded into a stack buffer: only long tokens need a Vec.
-            let mut buf = [0u8; 96];
-            let decoded = if token_b64.len() <= 128 {
-                base64::engine::general_purpose::STANDARD
-                    .decode_slice(token_b64, &mut buf)
-                    .map(|len| Cow::Borrowed(&buf[..len]))
-                    .map_err(|e| e.to_string())
-            } else {
-                base64::engine::general_purpose::STANDARD
-                    .decode(token_b64)
-                    .map(Cow::Owned)
-                    .map_err(|e| e.to_string())
-            };
-            let token = decoded.map_err(|e| {
-                malformed(
-                    line_no,
-                    format!("bad base64 token {}: {e}", shown(token_b64)),
-                )
-            })?;
-            let rank = std::str::from_utf8(rank_text)
-                .ok()
-                .and_then(|s| s.parse::<u32>().ok())
-                .filter(|&r| r != NO_RANK)
-                .ok_or_else(|| malformed(line_no, format!("bad rank {}", shown(rank_text))))?;
             if token.is_empty() {
                 return Err(malformed(line_no, "empty token".to_owned()));
             }
-            if let Some(first) = lines.insert(rank, line_no) {
-                return Err(malformed(
-                    line_no,
-                    format!("rank {rank} already given on line {first}"),
-                ));
+            let last = in_order.last().map(|&(r, _)| r);
+            if by_rank.is_none() && last.is_some_and(|last| rank <= last) {
+                let map = in_order.iter().map(|&(r, l)| (r, l as usize)).collect();
+                by_rank = Some(map);
             }
+            if let Some(map) = by_rank.as_mut() {
+                if let Some(first) = map.insert(rank, line_no) {
+                    return Err(malformed(
+                        line_no,
+                        format!("rank {rank} already given on line {first}"),
+                    ));
+                }
+            } else {
+                in_order.push((rank, line_no as u32));
+            }
+            tokens += 1;
             max_token_len = max_token_len.max(token.len());
             if let [a, b] = token[..] {
                 pair_ranks[usize::from(a) << 8 | usize::from(b)] = rank;
             }
+            if token.len() <= PACKED_MAX && arena_end >= 1 << 28 {
+                return Err(malformed(
+                    line_no,
+                    "too many tokens (over 256 MB)".to_owned(),
+                ));
+            }
             let previous = if token.len() <= PACKED_MAX {
-                short.insert(pack(&token), rank)
+                let key = match word {
+                    Some(word) => word | (token.len() as u128) << 120,
+                    None => pack(token),
+                };
+                let entry = u64::from(rank) << 32 | (arena_end as u64) << 4 | token.len() as u64;
+                match short.entry(
+                    key_hash(key),
+                    |&e| entry_key(&arena, e) == key,
+                    |&e| key_hash(entry_key(&arena, e)),
+                ) {
+                    Entry::Occupied(found) => Some((*found.get() >> 32) as u32),
+                    Entry::Vacant(slot) => {
+                        slot.insert(entry);
+                        // Sixteen bytes at once: what lies past the token is masked
+                        // off (`entry_key`) or overwritten by the next one.
+                        arena[arena_end..arena_end + 16].copy_from_slice(&key.to_le_bytes());
+                        arena_end += token.len();
+                        None
+                    }
+                }
             } else {
-                long.insert(token.into_owned(), rank)
+                long.insert(token.to_vec(), rank)
             };
             if let Some(previous) = previous {
                 return Err(malformed(
                     line_no,
                     format!(
                         "duplicate token {} (ranks {previous} and {rank})",
-                        shown(token_b64)
+                        shown(
+                            base64::engine::general_purpose::STANDARD
+                                .encode(token)
+                                .as_bytes()
+                        )
                     ),
                 ));
             }
         }
-        if lines.is_empty() {
+        if tokens == 0 {
             return Err(TokenError::Empty { path: None });
         }
+        arena.truncate(arena_end + 16);
+        arena[arena_end..].fill(0);
         Ok(Vocabulary {
             short,
+            arena: arena.into_boxed_slice(),
             long,
             pair_ranks,
             max_token_len,
@@ -223,6 +282,14 @@ impl Vocabulary {
     /// Number of tokens in the vocabulary (special tokens excluded).
     pub fn len(&self) -> usize {
         self.short.len() + self.long.len()
+    }
+
+    /// The rank of the token packed as `key` (`pack`), if it has up to 15 bytes.
+    #[inline]
+    fn short_rank(&self, key: u128) -> u32 {
+        self.short
+            .find(key_hash(key), |&e| entry_key(&self.arena, e) == key)
+            .map_or(NO_RANK, |&e| (e >> 32) as u32)
     }
 
     /// Whether the vocabulary holds no token (never, once loaded).
@@ -280,14 +347,13 @@ impl Vocabulary {
 
     #[inline]
     fn rank(&self, bytes: &[u8]) -> u32 {
-        let found = if bytes.len() <= PACKED_MAX {
-            self.short.get(&pack(bytes))
+        if bytes.len() <= PACKED_MAX {
+            self.short_rank(pack(bytes))
         } else if bytes.len() <= self.max_token_len {
-            self.long.get(bytes)
+            self.long.get(bytes).copied().unwrap_or(NO_RANK)
         } else {
-            None
-        };
-        found.copied().unwrap_or(NO_RANK)
+            NO_RANK
+        }
     }
 
     /// `rank(&window[start..end])`, reading the packed key with one 16-byte
@@ -298,8 +364,7 @@ impl Vocabulary {
         if len <= PACKED_MAX {
             if let Some(chunk) = window.get(start..start + 16) {
                 let word = u128::from_le_bytes(chunk.try_into().expect("16 bytes"));
-                let key = word & ((1u128 << (8 * len)) - 1) | (len as u128) << 120;
-                return self.short.get(&key).copied().unwrap_or(NO_RANK);
+                return self.short_rank(word_key(word, len));
             }
         }
         self.rank(&window[start..end])
@@ -461,6 +526,122 @@ fn pack(bytes: &[u8]) -> u128 {
     buf[..bytes.len()].copy_from_slice(bytes);
     buf[15] = bytes.len() as u8;
     u128::from_le_bytes(buf)
+}
+
+/// The packed bytes (`pack`) of the token a `Vocabulary::short` entry points at in
+/// `arena` (which holds 16 bytes past any token's start).
+#[inline(always)]
+fn entry_key(arena: &[u8], entry: u64) -> u128 {
+    let start = (entry as u32 >> 4) as usize;
+    let len = (entry & 0xF) as usize;
+    word_key(
+        u128::from_le_bytes(arena[start..start + 16].try_into().expect("16 bytes")),
+        len,
+    )
+}
+
+/// `pack` of the first `len` (at most 15) bytes of `word`, read as little-endian.
+#[inline(always)]
+fn word_key(word: u128, len: usize) -> u128 {
+    word & ((1u128 << (8 * len)) - 1) | (len as u128) << 120
+}
+
+/// Hash of a packed token: the two halves multiplied as 128-bit numbers and folded
+/// (the mixing step of foldhash and ahash), cheap and well spread in every bit.
+#[inline(always)]
+fn key_hash(key: u128) -> u64 {
+    // The high half holds the length (at most 15) in its top byte, never 0x13: the
+    // factors are never zero.
+    let lo = key as u64 ^ 0x243F_6A88_85A3_08D3;
+    let hi = (key >> 64) as u64 ^ 0x1319_8A2E_0370_7344;
+    let full = u128::from(lo).wrapping_mul(u128::from(hi));
+    full as u64 ^ (full >> 64) as u64
+}
+
+/// Base64 digit values, 0xFF for a byte that is none.
+const BASE64: [u8; 256] = {
+    let mut table = [0xFF; 256];
+    let digits = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut i = 0;
+    while i < 64 {
+        table[digits[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// A line as tiktoken writes it, `<base64> <rank>` with canonical standard base64 and
+/// at most 9 digits: (token length, rank, token). A token of up to 15 bytes comes back
+/// in the `u128` (little-endian, the rest zero), a longer one in `buf`. `None` for
+/// anything else (the general path then parses it, or words the error): what this
+/// accepts, the general path reads the same way.
+#[inline]
+fn fast_line(line: &[u8], buf: &mut [u8; 96]) -> Option<(usize, u32, u128)> {
+    let space = line.iter().position(|&b| b == b' ')?;
+    let (b64, digits) = (&line[..space], &line[space + 1..]);
+    if digits.is_empty() || digits.len() > 9 || b64.is_empty() || b64.len() % 4 != 0 {
+        return None;
+    }
+    if b64.len() / 4 * 3 > buf.len() {
+        return None;
+    }
+    let mut rank = 0u32;
+    for &d in digits {
+        let v = d.wrapping_sub(b'0');
+        if v > 9 {
+            return None;
+        }
+        rank = rank * 10 + u32::from(v);
+    }
+    // Up to 20 digits decode to at most 15 bytes: kept in a register.
+    let small = b64.len() <= 20;
+    let mut word = 0u128;
+    let mut out = 0;
+    let groups = b64.len() / 4;
+    for (g, quad) in b64.chunks_exact(4).enumerate() {
+        let (value, count) = base64_group(quad, g + 1 == groups)?;
+        if small {
+            // The bytes big-endian in `value`; little-endian in `word`.
+            let le = (value >> 16) & 0xFF | value & 0xFF00 | (value & 0xFF) << 16;
+            word |= u128::from(le) << (8 * out);
+        } else {
+            buf[out..out + count].copy_from_slice(&value.to_be_bytes()[1..1 + count]);
+        }
+        out += count;
+    }
+    Some((out, rank, word))
+}
+
+/// One group of four base64 digits: its bytes (big-endian in the low 24 bits, zero
+/// past the count) and their count, 3, or 1 or 2 for canonical padding in the last
+/// group.
+#[inline(always)]
+fn base64_group(quad: &[u8], last: bool) -> Option<(u32, usize)> {
+    let [a, b, c, d] = [quad[0], quad[1], quad[2], quad[3]].map(|x| BASE64[usize::from(x)]);
+    if (a | b | c | d) < 64 {
+        let n = u32::from(a) << 18 | u32::from(b) << 12 | u32::from(c) << 6 | u32::from(d);
+        return Some((n, 3));
+    }
+    // Padding, only in the last group: "xx==" (one byte) or "xxx=" (two).
+    if !last || a > 63 || b > 63 || quad[3] != b'=' {
+        return None;
+    }
+    if quad[2] == b'=' {
+        (b & 0x0F == 0).then_some((u32::from(a) << 18 | u32::from(b) << 12, 1))
+    } else {
+        (c < 64 && c & 0x03 == 0).then_some((
+            u32::from(a) << 18 | u32::from(b) << 12 | u32::from(c) << 6,
+            2,
+        ))
+    }
+}
+
+/// A rank: decimal digits that fit a u32, `u32::MAX` excluded (tiktoken's "no rank").
+fn parse_rank(text: &[u8]) -> Option<u32> {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .filter(|&r| r != NO_RANK)
 }
 
 /// Length of the Qwen special token at the start of `bytes`, if any.
@@ -1165,6 +1346,82 @@ mod tests {
                 assert_eq!(vocab.merge_small(&window, len), expected, "{piece:?}");
             }
         }
+    }
+
+    #[test]
+    fn fast_lines_read_as_the_general_path_does() {
+        let engine = base64::engine::general_purpose::STANDARD;
+        let mut rng = Rng(0xDEAD_BEEF);
+        let mut buf = [0u8; 96];
+        for len in 1..=72 {
+            for _ in 0..20 {
+                let token: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                let rank = (rng.next() % 1_000_000_000) as u32;
+                let line = format!("{} {rank}", engine.encode(&token));
+                let (n, r, word) = fast_line(line.as_bytes(), &mut buf).expect(&line);
+                assert_eq!((n, r), (len, rank), "{line}");
+                let got = if n <= PACKED_MAX {
+                    word.to_le_bytes()[..n].to_vec()
+                } else {
+                    buf[..n].to_vec()
+                };
+                assert_eq!(got, token, "{line}");
+            }
+        }
+        // Anything else goes to the general path (which accepts or words an error).
+        for line in [
+            "YR== 1",
+            "YQ= 1",
+            "Y=== 1",
+            "YQ==YQ== 1",
+            "YWJ= 1",
+            " YQ== 1",
+            "YQ==  1",
+            "YQ== 1\r",
+            "YQ== 1234567890",
+            "YQ== -1",
+            "YQ== ",
+            "YQ==",
+            "",
+            "Y!== 1",
+        ] {
+            assert_eq!(fast_line(line.as_bytes(), &mut buf), None, "{line:?}");
+        }
+        // Both paths build the same vocabulary.
+        let vocab = Vocabulary::from_tiktoken_bytes(b"YQ== 0\r\n  Yg== 1\nYWI=\t2\n").unwrap();
+        assert_eq!(vocab.count("ab"), 1);
+        assert_eq!(vocab.len(), 3);
+    }
+
+    #[test]
+    fn short_tokens_are_told_apart_by_length_and_every_byte() {
+        let zeros = "\0".repeat(15);
+        let fifteen = "abcdefghijklmno";
+        let sixteen = "abcdefghijklmnop";
+        let vocab = tiny_vocab(&["a\0", "\0\0", &zeros, fifteen, sixteen, "ab"]);
+        let rank = |s: &str| vocab.rank(s.as_bytes());
+        assert_eq!(rank("\0"), 0);
+        assert_eq!(rank("a"), 97);
+        assert_eq!(rank("a\0"), 256);
+        assert_eq!(rank("\0\0"), 257);
+        assert_eq!(rank(&zeros), 258);
+        assert_eq!(rank(fifteen), 259);
+        assert_eq!(rank(sixteen), 260);
+        assert_eq!(rank("ab"), 261);
+        for absent in [
+            "a\0\0",
+            "\0\0\0",
+            "\0a",
+            "abcdefghijklmn",
+            "ba",
+            "abcdefghijklmnq",
+        ] {
+            assert_eq!(rank(absent), NO_RANK, "{absent:?}");
+        }
+        // Through the 16-byte window reads of counting, too.
+        assert_eq!(vocab.count(sixteen), 1);
+        assert_eq!(vocab.count(fifteen), 1);
+        assert_eq!(vocab.count("ab ab"), 3);
     }
 
     #[test]
