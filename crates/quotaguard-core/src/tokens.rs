@@ -85,13 +85,15 @@ impl TokenError {
 
 /// A tiktoken BPE vocabulary (`base64token rank` per line).
 ///
-/// Compact so that it loads in a few milliseconds: the bytes of every token of up to
-/// 15 bytes sit one after another in `arena`, and `short` (hashbrown's raw table, 8
-/// bytes a slot) holds `rank << 32 | start << 4 | len` for each, found by the hash of
-/// the packed bytes (`pack`) and checked against the arena.
+/// Compact so that it loads in a few milliseconds, in hashbrown's raw tables found by
+/// `key_hash`: a token of up to 11 bytes is one 16-byte slot of `short` (its bytes,
+/// its length, its rank: no second read to check it); one of 12 to 15 bytes sits in
+/// `arena`, and `mid` holds `rank << 32 | start << 4 | len` for it.
 pub struct Vocabulary {
-    short: HashTable<u64>,
-    /// The bytes of the tokens in `short`, then 16 zero bytes (a 16-byte load at any
+    /// `inline_key(pack(token)) | rank << 96` per token of up to `INLINE_MAX` bytes.
+    short: HashTable<u128>,
+    mid: HashTable<u64>,
+    /// The bytes of the tokens in `mid`, then 16 zero bytes (a 16-byte load at any
     /// token's start stays inside).
     arena: Box<[u8]>,
     /// Longer tokens.
@@ -100,6 +102,14 @@ pub struct Vocabulary {
     /// first round of merges then needs no hashing.
     pair_ranks: Box<[u32]>,
     max_token_len: usize,
+    /// Per code point below U+10000, when its bytes alone merge into one token: the
+    /// highest rank among those merges (0 for a one-byte character); else `NO_RANK`.
+    /// Lets `merge_chars` start from characters instead of bytes.
+    char_done: Box<[u32]>,
+    /// For the tokens that are not valid UTF-8 and hold a character start after their
+    /// first byte (so that they join part of one character to another), per byte pair
+    /// ending at such a start (`last << 8 | first`): the lowest of their ranks.
+    cross_min: FxHashMap<u16, u32>,
 }
 
 impl fmt::Debug for Vocabulary {
@@ -133,10 +143,11 @@ impl Vocabulary {
             reason,
         };
         let lines_in_file = data.iter().filter(|&&b| b == b'\n').count() + 1;
-        let mut short: HashTable<u64> = HashTable::with_capacity(lines_in_file);
+        let mut short: HashTable<u128> = HashTable::with_capacity(lines_in_file);
+        let mut mid: HashTable<u64> = HashTable::new();
         // Every token's base64 in `data` is longer than its bytes: they fit, with 16
         // bytes to spare for reading any token's start as one u128.
-        let mut arena: Vec<u8> = vec![0; data.len() * 3 / 4 + 32];
+        let mut arena: Vec<u8> = Vec::new();
         let mut arena_end = 0;
         let mut long: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
         // Ranks come in increasing order in tiktoken files, which rules out a rank given
@@ -218,13 +229,30 @@ impl Vocabulary {
                     "too many tokens (over 256 MB)".to_owned(),
                 ));
             }
-            let previous = if token.len() <= PACKED_MAX {
-                let key = match word {
-                    Some(word) => word | (token.len() as u128) << 120,
-                    None => pack(token),
-                };
-                let entry = u64::from(rank) << 32 | (arena_end as u64) << 4 | token.len() as u64;
+            let key = match word {
+                Some(word) if token.len() <= PACKED_MAX => word | (token.len() as u128) << 120,
+                _ if token.len() <= PACKED_MAX => pack(token),
+                _ => 0,
+            };
+            let previous = if token.len() <= INLINE_MAX {
+                let inline = inline_key(key);
                 match short.entry(
+                    key_hash(inline),
+                    |&e| e & INLINE_KEY == inline,
+                    |&e| key_hash(e & INLINE_KEY),
+                ) {
+                    Entry::Occupied(found) => Some((*found.get() >> 96) as u32),
+                    Entry::Vacant(slot) => {
+                        slot.insert(inline | u128::from(rank) << 96);
+                        None
+                    }
+                }
+            } else if token.len() <= PACKED_MAX {
+                if arena.len() < arena_end + 16 {
+                    arena.resize((arena_end + 16) * 2, 0);
+                }
+                let entry = u64::from(rank) << 32 | (arena_end as u64) << 4 | token.len() as u64;
+                match mid.entry(
                     key_hash(key),
                     |&e| entry_key(&arena, e) == key,
                     |&e| key_hash(entry_key(&arena, e)),
@@ -259,15 +287,79 @@ impl Vocabulary {
         if tokens == 0 {
             return Err(TokenError::Empty { path: None });
         }
-        arena.truncate(arena_end + 16);
+        arena.resize(arena_end + 16, 0);
         arena[arena_end..].fill(0);
-        Ok(Vocabulary {
+        let mut vocab = Vocabulary {
             short,
+            mid,
             arena: arena.into_boxed_slice(),
             long,
             pair_ranks,
             max_token_len,
-        })
+            char_done: Box::default(),
+            cross_min: FxHashMap::default(),
+        };
+        vocab.index_characters();
+        Ok(vocab)
+    }
+
+    /// Fills `char_done` and `cross_min` from the tokens.
+    fn index_characters(&mut self) {
+        let mut char_done = vec![NO_RANK; 0x1_0000].into_boxed_slice();
+        for b in 0..0x80u8 {
+            if self.rank(&[b]) != NO_RANK {
+                char_done[usize::from(b)] = 0;
+            }
+        }
+        let mut cross_min: FxHashMap<u16, u32> = FxHashMap::default();
+        let mut visit = |token: &[u8], rank: u32| match std::str::from_utf8(token) {
+            Ok(text) => {
+                let mut chars = text.chars();
+                if let (Some(c), None) = (chars.next(), chars.next()) {
+                    let code = c as usize;
+                    let first = match *token {
+                        [a, b] => Some(self_pair(&self.pair_ranks, a, b)),
+                        [a, b, c] => {
+                            let first = self_pair(&self.pair_ranks, a, b).min(self_pair(
+                                &self.pair_ranks,
+                                b,
+                                c,
+                            ));
+                            (first != NO_RANK).then_some(first.max(rank))
+                        }
+                        _ => None,
+                    };
+                    if let Some(m) = first.filter(|&m| m != NO_RANK) {
+                        if code < char_done.len() {
+                            char_done[code] = m;
+                        }
+                    }
+                }
+            }
+            Err(_) => {
+                for k in 1..token.len() {
+                    if token[k] & 0xC0 != 0x80 {
+                        let pair = u16::from(token[k - 1]) << 8 | u16::from(token[k]);
+                        let min = cross_min.entry(pair).or_insert(rank);
+                        *min = (*min).min(rank);
+                    }
+                }
+            }
+        };
+        for &entry in self.short.iter() {
+            let len = (entry >> 88) as usize & 0xF;
+            visit(&entry.to_le_bytes()[..len], (entry >> 96) as u32);
+        }
+        for &entry in self.mid.iter() {
+            let start = (entry as u32 >> 4) as usize;
+            let len = (entry & 0xF) as usize;
+            visit(&self.arena[start..start + len], (entry >> 32) as u32);
+        }
+        for (token, &rank) in &self.long {
+            visit(token, rank);
+        }
+        self.char_done = char_done;
+        self.cross_min = cross_min;
     }
 
     /// Reads and parses a tiktoken BPE file.
@@ -281,15 +373,22 @@ impl Vocabulary {
 
     /// Number of tokens in the vocabulary (special tokens excluded).
     pub fn len(&self) -> usize {
-        self.short.len() + self.long.len()
+        self.short.len() + self.mid.len() + self.long.len()
     }
 
     /// The rank of the token packed as `key` (`pack`), if it has up to 15 bytes.
     #[inline]
     fn short_rank(&self, key: u128) -> u32 {
-        self.short
-            .find(key_hash(key), |&e| entry_key(&self.arena, e) == key)
-            .map_or(NO_RANK, |&e| (e >> 32) as u32)
+        if (key >> 120) as usize <= INLINE_MAX {
+            let inline = inline_key(key);
+            self.short
+                .find(key_hash(inline), |&e| e & INLINE_KEY == inline)
+                .map_or(NO_RANK, |&e| (e >> 96) as u32)
+        } else {
+            self.mid
+                .find(key_hash(key), |&e| entry_key(&self.arena, e) == key)
+                .map_or(NO_RANK, |&e| (e >> 32) as u32)
+        }
     }
 
     /// Whether the vocabulary holds no token (never, once loaded).
@@ -392,6 +491,11 @@ impl Vocabulary {
             _ => {
                 if self.rank_in(window, 0, n) != NO_RANK {
                     1
+                } else if let Some(parts) = (n >= 5 && !window[..n].is_ascii())
+                    .then(|| self.merge_chars(window, n, scratch))
+                    .flatten()
+                {
+                    parts
                 } else if n <= SMALL_PIECE {
                     self.merge_small(window, n)
                 } else {
@@ -454,6 +558,7 @@ impl Vocabulary {
             prev,
             ranks,
             heap,
+            ..
         } = scratch;
         next.clear();
         next.extend(1..=n as u32);
@@ -503,6 +608,133 @@ impl Vocabulary {
         }
         parts
     }
+
+    /// The same merges as `merge_heap` on `window[..n]`, from characters rather than
+    /// bytes, when that gives the same result; `None` when it may not (a character
+    /// whose bytes do not merge into one token, one above U+FFFF, or a token joining
+    /// part of a character to another that could come into play).
+    ///
+    /// Why it is the same: the merges inside a character `c` rank at most
+    /// `char_done[c]`. A merge that joins part of a character to another makes a
+    /// token counted in `cross_min` for the boundary it crosses; when every boundary's
+    /// `cross_min` is above `char_done` of both its characters, no such merge can come
+    /// before those characters are whole, and none can come after. So the only merges
+    /// are those inside characters and those between whole ones, and BPE takes them
+    /// lowest rank first, leftmost among equals, as the heap here does: a character
+    /// becomes whole at its own rank (an event in the same heap), and only whole parts
+    /// merge.
+    fn merge_chars(&self, window: &[u8], n: usize, scratch: &mut Scratch) -> Option<usize> {
+        let Scratch {
+            next,
+            prev,
+            ranks,
+            heap,
+            starts,
+            pending,
+        } = scratch;
+        starts.clear();
+        pending.clear();
+        let mut i = 0;
+        let mut last_done = 0;
+        while i < n {
+            let b0 = window[i];
+            let (code, len) = match b0 {
+                0x00..=0x7F => (u32::from(b0), 1),
+                0xC0..=0xDF => (
+                    u32::from(b0 & 0x1F) << 6 | u32::from(window[i + 1] & 0x3F),
+                    2,
+                ),
+                0xE0..=0xEF => (
+                    u32::from(b0 & 0x0F) << 12
+                        | u32::from(window[i + 1] & 0x3F) << 6
+                        | u32::from(window[i + 2] & 0x3F),
+                    3,
+                ),
+                _ => return None,
+            };
+            let done = self.char_done[code as usize];
+            if done == NO_RANK {
+                return None;
+            }
+            if i > 0 {
+                let pair = u16::from(window[i - 1]) << 8 | u16::from(b0);
+                if let Some(&min) = self.cross_min.get(&pair) {
+                    if min <= done.max(last_done) {
+                        return None;
+                    }
+                }
+            }
+            starts.push(i as u32);
+            pending.push(done);
+            last_done = done;
+            i += len;
+        }
+        let k = starts.len();
+        starts.push(n as u32);
+        next.clear();
+        next.extend(1..=k as u32);
+        prev.clear();
+        prev.extend((0..k as u32).map(|p| p.wrapping_sub(1)));
+        ranks.clear();
+        ranks.resize(k, NO_RANK);
+        let mut entries = std::mem::take(heap).into_vec();
+        entries.clear();
+        // `pending[p]`: the rank at which part p becomes whole, 0 once it is.
+        for p in 0..k {
+            if pending[p] != 0 {
+                entries.push(Reverse(u64::from(pending[p]) << 32 | p as u64));
+            } else if p + 1 < k && pending[p + 1] == 0 {
+                ranks[p] = self.rank_in(window, starts[p] as usize, starts[p + 2] as usize);
+                if ranks[p] != NO_RANK {
+                    entries.push(Reverse(u64::from(ranks[p]) << 32 | p as u64));
+                }
+            }
+        }
+        *heap = BinaryHeap::from(entries);
+        let end = |next: &[u32], p: usize| starts[next[p] as usize] as usize;
+        let mut parts = k;
+        while let Some(Reverse(entry)) = heap.pop() {
+            let (rank, p) = ((entry >> 32) as u32, entry as u32 as usize);
+            if pending[p] != 0 {
+                if pending[p] != rank {
+                    continue;
+                }
+                // Part p becomes whole: it may now merge with whole neighbours.
+                pending[p] = 0;
+            } else {
+                if ranks[p] != rank {
+                    continue;
+                }
+                // Merge part p with the next one, q.
+                let q = next[p] as usize;
+                ranks[q] = NO_RANK;
+                next[p] = next[q];
+                if (next[p] as usize) < k {
+                    prev[next[p] as usize] = p as u32;
+                }
+                parts -= 1;
+            }
+            let r = next[p] as usize;
+            ranks[p] = if r < k && pending[r] == 0 {
+                self.rank_in(window, starts[p] as usize, end(next, r))
+            } else {
+                NO_RANK
+            };
+            if ranks[p] != NO_RANK {
+                heap.push(Reverse(u64::from(ranks[p]) << 32 | p as u64));
+            }
+            if p > 0 {
+                let o = prev[p] as usize;
+                if pending[o] == 0 {
+                    ranks[o] = self.rank_in(window, starts[o] as usize, end(next, p));
+                    if ranks[o] != NO_RANK {
+                        heap.push(Reverse(u64::from(ranks[o]) << 32 | o as u64));
+                    }
+                }
+            }
+        }
+        Some(parts)
+    }
 }
 
 /// Buffers `merge_heap` reuses from one piece to the next.
@@ -512,10 +744,23 @@ struct Scratch {
     prev: Vec<u32>,
     ranks: Vec<u32>,
     heap: BinaryHeap<Reverse<u64>>,
+    starts: Vec<u32>,
+    pending: Vec<u32>,
 }
 
-/// Longest token kept in `Vocabulary::short`.
+/// Longest token `pack` takes (kept in `Vocabulary::short` or `mid`).
 const PACKED_MAX: usize = 15;
+/// Longest token kept in `Vocabulary::short`, in its slot.
+const INLINE_MAX: usize = 11;
+/// The bytes and the length of a `Vocabulary::short` slot.
+const INLINE_KEY: u128 = (1 << 96) - 1;
+
+/// A packed key (`pack`, at most `INLINE_MAX` bytes) with its length moved down to
+/// bits 88..92, under the rank of a `Vocabulary::short` slot.
+#[inline(always)]
+fn inline_key(key: u128) -> u128 {
+    key & ((1 << 88) - 1) | (key >> 120) << 88
+}
 
 /// A byte string of at most `PACKED_MAX` bytes as one integer: the bytes,
 /// then the length in the top byte (so that trailing zero bytes count).
@@ -550,8 +795,8 @@ fn word_key(word: u128, len: usize) -> u128 {
 /// (the mixing step of foldhash and ahash), cheap and well spread in every bit.
 #[inline(always)]
 fn key_hash(key: u128) -> u64 {
-    // The high half holds the length (at most 15) in its top byte, never 0x13: the
-    // factors are never zero.
+    // The high half holds the length (at most 15) in its top byte or in bits 88..92,
+    // never matching 0x13 there: the factors are never zero.
     let lo = key as u64 ^ 0x243F_6A88_85A3_08D3;
     let hi = (key >> 64) as u64 ^ 0x1319_8A2E_0370_7344;
     let full = u128::from(lo).wrapping_mul(u128::from(hi));
@@ -642,6 +887,11 @@ fn parse_rank(text: &[u8]) -> Option<u32> {
         .ok()
         .and_then(|s| s.parse::<u32>().ok())
         .filter(|&r| r != NO_RANK)
+}
+
+/// `pair_ranks[a << 8 | b]`.
+fn self_pair(pair_ranks: &[u32], a: u8, b: u8) -> u32 {
+    pair_ranks[usize::from(a) << 8 | usize::from(b)]
 }
 
 /// Length of the Qwen special token at the start of `bytes`, if any.
@@ -1398,7 +1648,17 @@ mod tests {
         let zeros = "\0".repeat(15);
         let fifteen = "abcdefghijklmno";
         let sixteen = "abcdefghijklmnop";
-        let vocab = tiny_vocab(&["a\0", "\0\0", &zeros, fifteen, sixteen, "ab"]);
+        let vocab = tiny_vocab(&[
+            "a\0",
+            "\0\0",
+            &zeros,
+            fifteen,
+            sixteen,
+            "ab",
+            "abcdefghijk",
+            "abcdefghijkl",
+            "abcdefghij\0",
+        ]);
         let rank = |s: &str| vocab.rank(s.as_bytes());
         assert_eq!(rank("\0"), 0);
         assert_eq!(rank("a"), 97);
@@ -1408,6 +1668,11 @@ mod tests {
         assert_eq!(rank(fifteen), 259);
         assert_eq!(rank(sixteen), 260);
         assert_eq!(rank("ab"), 261);
+        assert_eq!(rank("abcdefghijk"), 262);
+        assert_eq!(rank("abcdefghijkl"), 263);
+        assert_eq!(rank("abcdefghij\0"), 264);
+        assert_eq!(rank("abcdefghij"), NO_RANK);
+        assert_eq!(rank("abcdefghij\0\0"), NO_RANK);
         for absent in [
             "a\0\0",
             "\0\0\0",
@@ -1646,6 +1911,37 @@ mod tests {
             assert!(bound >= dashscope && bound >= ordinary, "{text:?}");
             assert_eq!(bound, ordinary.max(dashscope), "{text:?}");
         }
+    }
+
+    #[test]
+    #[ignore = "needs QWEN_TIKTOKEN (the Qwen vocabulary); .ci/run runs it"]
+    fn qwen_character_merges_equal_tiktokens() {
+        let vocab = qwen();
+        let alphabet: Vec<char> = concat!(
+            "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发",
+            "年动同工也能下过子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如",
+            "水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然",
+            "龘鬱齉éèàüößñçåøабвгдежзийклмнопрстуфхцчшщыэюяαβγδεζ가나다라마바사ひらがなカタ",
+            "ナ，。、；：！？·—…“” abcxyzAZ019'\t\n",
+        )
+        .chars()
+        .collect();
+        let mut rng = Rng(0x5151_7E57);
+        let mut scratch = Scratch::default();
+        let mut used = 0;
+        for _ in 0..20_000 {
+            let len = 2 + rng.next() % 30;
+            let text: String = (0..len)
+                .map(|_| alphabet[(rng.next() % alphabet.len() as u64) as usize])
+                .collect();
+            let bytes = text.as_bytes();
+            if let Some(parts) = vocab.merge_chars(bytes, bytes.len(), &mut scratch) {
+                assert_eq!(parts, reference_merge_count(&vocab, bytes), "{text:?}");
+                used += 1;
+            }
+        }
+        // Most texts take the character path (the rest fall back to bytes).
+        assert!(used > 10_000, "{used}");
     }
 
     #[test]
