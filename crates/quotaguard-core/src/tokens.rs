@@ -153,7 +153,7 @@ impl Vocabulary {
         // Ranks come in increasing order in tiktoken files, which rules out a rank given
         // twice at no cost; `by_rank` (rank -> line) is only built if one comes out of
         // order, to reject a rank given twice as tiktoken does.
-        let mut in_order: Vec<(u32, u32)> = Vec::with_capacity(lines_in_file);
+        let mut last_rank: Option<u32> = None;
         let mut by_rank: Option<FxHashMap<u32, usize>> = None;
         let mut tokens = 0usize;
         let mut pair_ranks = vec![NO_RANK; 1 << 16].into_boxed_slice();
@@ -203,10 +203,8 @@ impl Vocabulary {
             if token.is_empty() {
                 return Err(malformed(line_no, "empty token".to_owned()));
             }
-            let last = in_order.last().map(|&(r, _)| r);
-            if by_rank.is_none() && last.is_some_and(|last| rank <= last) {
-                let map = in_order.iter().map(|&(r, l)| (r, l as usize)).collect();
-                by_rank = Some(map);
+            if by_rank.is_none() && last_rank.is_some_and(|last| rank <= last) {
+                by_rank = Some(rank_lines(data, index));
             }
             if let Some(map) = by_rank.as_mut() {
                 if let Some(first) = map.insert(rank, line_no) {
@@ -215,9 +213,8 @@ impl Vocabulary {
                         format!("rank {rank} already given on line {first}"),
                     ));
                 }
-            } else {
-                in_order.push((rank, line_no as u32));
             }
+            last_rank = Some(rank);
             tokens += 1;
             max_token_len = max_token_len.max(token.len());
             if let [a, b] = token[..] {
@@ -895,6 +892,22 @@ fn base64_group(quad: &[u8], last: bool) -> Option<(u32, usize)> {
             2,
         ))
     }
+}
+
+/// Rank -> line of the first `lines` lines of `data`, already read without error.
+fn rank_lines(data: &[u8], lines: usize) -> FxHashMap<u32, usize> {
+    let mut map = FxHashMap::default();
+    for (index, line) in data.split(|&b| b == b'\n').take(lines).enumerate() {
+        let rank = line
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|f| !f.is_empty())
+            .nth(1)
+            .and_then(parse_rank);
+        if let Some(rank) = rank {
+            map.insert(rank, index + 1);
+        }
+    }
+    map
 }
 
 /// A rank: decimal digits that fit a u32, `u32::MAX` excluded (tiktoken's "no rank").
@@ -1825,6 +1838,17 @@ mod tests {
             error
                 .to_string()
                 .ends_with("line 2: rank 0 already given on line 1"),
+            "{error}"
+        );
+        // Ranks out of order are fine, a rank given twice is not, wherever it comes.
+        let vocab = Vocabulary::from_tiktoken_bytes(b"YQ== 5\n\nYg== 3\nYw== 4\n").unwrap();
+        assert_eq!(vocab.len(), 3);
+        let error =
+            Vocabulary::from_tiktoken_bytes(b"YQ== 5\n\nYg== 3\nYw== 4\nZA== 5\n").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .ends_with("line 5: rank 5 already given on line 1"),
             "{error}"
         );
         let error = Vocabulary::from_tiktoken_bytes(b"\n\n").unwrap_err();
