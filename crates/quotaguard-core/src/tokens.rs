@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine as _;
+use hashbrown::hash_table::{Entry, HashTable};
 use regex_syntax::hir::{Class, HirKind};
 use rustc_hash::FxHashMap;
 use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
@@ -83,16 +84,32 @@ impl TokenError {
 }
 
 /// A tiktoken BPE vocabulary (`base64token rank` per line).
+///
+/// Compact so that it loads in a few milliseconds, in hashbrown's raw tables found by
+/// `key_hash`: a token of up to 11 bytes is one 16-byte slot of `short` (its bytes,
+/// its length, its rank: no second read to check it); one of 12 to 15 bytes sits in
+/// `arena`, and `mid` holds `rank << 32 | start << 4 | len` for it.
 pub struct Vocabulary {
-    /// Tokens of up to 15 bytes, packed by `pack` (no byte comparisons on
-    /// lookup: these are nearly all the lookups merging does).
-    short: FxHashMap<u128, u32>,
+    /// `inline_key(pack(token)) | rank << 96` per token of up to `INLINE_MAX` bytes.
+    short: HashTable<u128>,
+    mid: HashTable<u64>,
+    /// The bytes of the tokens in `mid`, then 16 zero bytes (a 16-byte load at any
+    /// token's start stays inside).
+    arena: Box<[u8]>,
     /// Longer tokens.
     long: FxHashMap<Vec<u8>, u32>,
     /// Ranks of every two-byte string, indexed by `first << 8 | second`: the
     /// first round of merges then needs no hashing.
     pair_ranks: Box<[u32]>,
     max_token_len: usize,
+    /// Per code point below U+10000, when its bytes alone merge into one token: the
+    /// highest rank among those merges (0 for a one-byte character); else `NO_RANK`.
+    /// Lets `merge_chars` start from characters instead of bytes.
+    char_done: Box<[u32]>,
+    /// For the tokens that are not valid UTF-8 and hold a character start after their
+    /// first byte (so that they join part of one character to another), per byte pair
+    /// ending at such a start (`last << 8 | first`): the lowest of their ranks.
+    cross_min: FxHashMap<u16, u32>,
 }
 
 impl fmt::Debug for Vocabulary {
@@ -125,90 +142,221 @@ impl Vocabulary {
             line,
             reason,
         };
-        let mut short: FxHashMap<u128, u32> = FxHashMap::default();
+        let lines_in_file = data.iter().filter(|&&b| b == b'\n').count() + 1;
+        let mut short: HashTable<u128> = HashTable::with_capacity(lines_in_file);
+        let mut mid: HashTable<u64> = HashTable::new();
+        // Every token's base64 in `data` is longer than its bytes: they fit, with 16
+        // bytes to spare for reading any token's start as one u128.
+        let mut arena: Vec<u8> = Vec::new();
+        let mut arena_end = 0;
         let mut long: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
-        // rank -> line, to reject a rank given twice as tiktoken does.
-        let mut lines: FxHashMap<u32, usize> = FxHashMap::default();
-        short.reserve(data.len() / 16);
-        lines.reserve(data.len() / 16);
+        // Ranks come in increasing order in tiktoken files, which rules out a rank given
+        // twice at no cost; `by_rank` (rank -> line) is only built if one comes out of
+        // order, to reject a rank given twice as tiktoken does.
+        let mut last_rank: Option<u32> = None;
+        let mut by_rank: Option<FxHashMap<u32, usize>> = None;
+        let mut tokens = 0usize;
         let mut pair_ranks = vec![NO_RANK; 1 << 16].into_boxed_slice();
         let mut max_token_len = 0;
+        let mut buf = [0u8; 96];
+        let mut small: [u8; 16];
+        let mut owned: Vec<u8>;
         for (index, raw) in data.split(|&b| b == b'\n').enumerate() {
             let line_no = index + 1;
-            let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-            let mut fields = line
-                .split(|b| b.is_ascii_whitespace())
-                .filter(|f| !f.is_empty());
-            let Some(token_b64) = fields.next() else {
-                continue;
+            // Lines as tiktoken writes them ("<base64> <digits>") take the fast path;
+            // any other goes through the general one, which also words the errors.
+            // `word`: a short token from the fast path, packed in a register.
+            let (token, rank, word): (&[u8], u32, Option<u128>) = match fast_line(raw, &mut buf) {
+                Some((len, rank, word)) if len <= PACKED_MAX => {
+                    small = word.to_le_bytes();
+                    (&small[..len], rank, Some(word))
+                }
+                Some((len, rank, _)) => (&buf[..len], rank, None),
+                None => {
+                    let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+                    let mut fields = line
+                        .split(|b| b.is_ascii_whitespace())
+                        .filter(|f| !f.is_empty());
+                    let Some(token_b64) = fields.next() else {
+                        continue;
+                    };
+                    let (Some(rank_text), None) = (fields.next(), fields.next()) else {
+                        return Err(malformed(
+                            line_no,
+                            format!("expected \"<base64 token> <rank>\", got {}", shown(line)),
+                        ));
+                    };
+                    owned = base64::engine::general_purpose::STANDARD
+                        .decode(token_b64)
+                        .map_err(|e| {
+                            malformed(
+                                line_no,
+                                format!("bad base64 token {}: {e}", shown(token_b64)),
+                            )
+                        })?;
+                    let rank = parse_rank(rank_text).ok_or_else(|| {
+                        malformed(line_no, format!("bad rank {}", shown(rank_text)))
+                    })?;
+                    (&owned[..], rank, None)
+                }
             };
-            let (Some(rank_text), None) = (fields.next(), fields.next()) else {
-                return Err(malformed(
-                    line_no,
-                    format!("expected \"<base64 token> <rank>\", got {}", shown(line)),
-                ));
-            };
-            // Decoded into a stack buffer: only long tokens need a Vec.
-            let mut buf = [0u8; 96];
-            let decoded = if token_b64.len() <= 128 {
-                base64::engine::general_purpose::STANDARD
-                    .decode_slice(token_b64, &mut buf)
-                    .map(|len| Cow::Borrowed(&buf[..len]))
-                    .map_err(|e| e.to_string())
-            } else {
-                base64::engine::general_purpose::STANDARD
-                    .decode(token_b64)
-                    .map(Cow::Owned)
-                    .map_err(|e| e.to_string())
-            };
-            let token = decoded.map_err(|e| {
-                malformed(
-                    line_no,
-                    format!("bad base64 token {}: {e}", shown(token_b64)),
-                )
-            })?;
-            let rank = std::str::from_utf8(rank_text)
-                .ok()
-                .and_then(|s| s.parse::<u32>().ok())
-                .filter(|&r| r != NO_RANK)
-                .ok_or_else(|| malformed(line_no, format!("bad rank {}", shown(rank_text))))?;
             if token.is_empty() {
                 return Err(malformed(line_no, "empty token".to_owned()));
             }
-            if let Some(first) = lines.insert(rank, line_no) {
-                return Err(malformed(
-                    line_no,
-                    format!("rank {rank} already given on line {first}"),
-                ));
+            if by_rank.is_none() && last_rank.is_some_and(|last| rank <= last) {
+                by_rank = Some(rank_lines(data, index));
             }
+            if let Some(map) = by_rank.as_mut() {
+                if let Some(first) = map.insert(rank, line_no) {
+                    return Err(malformed(
+                        line_no,
+                        format!("rank {rank} already given on line {first}"),
+                    ));
+                }
+            }
+            last_rank = Some(rank);
+            tokens += 1;
             max_token_len = max_token_len.max(token.len());
             if let [a, b] = token[..] {
                 pair_ranks[usize::from(a) << 8 | usize::from(b)] = rank;
             }
-            let previous = if token.len() <= PACKED_MAX {
-                short.insert(pack(&token), rank)
+            if token.len() <= PACKED_MAX && arena_end >= 1 << 28 {
+                return Err(malformed(
+                    line_no,
+                    "too many tokens (over 256 MB)".to_owned(),
+                ));
+            }
+            let key = match word {
+                Some(word) if token.len() <= PACKED_MAX => word | (token.len() as u128) << 120,
+                _ if token.len() <= PACKED_MAX => pack(token),
+                _ => 0,
+            };
+            let previous = if token.len() <= INLINE_MAX {
+                let inline = inline_key(key);
+                match short.entry(
+                    key_hash(inline),
+                    |&e| e & INLINE_KEY == inline,
+                    |&e| key_hash(e & INLINE_KEY),
+                ) {
+                    Entry::Occupied(found) => Some((*found.get() >> 96) as u32),
+                    Entry::Vacant(slot) => {
+                        slot.insert(inline | u128::from(rank) << 96);
+                        None
+                    }
+                }
+            } else if token.len() <= PACKED_MAX {
+                if arena.len() < arena_end + 16 {
+                    arena.resize((arena_end + 16) * 2, 0);
+                }
+                let entry = u64::from(rank) << 32 | (arena_end as u64) << 4 | token.len() as u64;
+                match mid.entry(
+                    key_hash(key),
+                    |&e| entry_key(&arena, e) == key,
+                    |&e| key_hash(entry_key(&arena, e)),
+                ) {
+                    Entry::Occupied(found) => Some((*found.get() >> 32) as u32),
+                    Entry::Vacant(slot) => {
+                        slot.insert(entry);
+                        // Sixteen bytes at once: what lies past the token is masked
+                        // off (`entry_key`) or overwritten by the next one.
+                        arena[arena_end..arena_end + 16].copy_from_slice(&key.to_le_bytes());
+                        arena_end += token.len();
+                        None
+                    }
+                }
             } else {
-                long.insert(token.into_owned(), rank)
+                long.insert(token.to_vec(), rank)
             };
             if let Some(previous) = previous {
                 return Err(malformed(
                     line_no,
                     format!(
                         "duplicate token {} (ranks {previous} and {rank})",
-                        shown(token_b64)
+                        shown(
+                            base64::engine::general_purpose::STANDARD
+                                .encode(token)
+                                .as_bytes()
+                        )
                     ),
                 ));
             }
         }
-        if lines.is_empty() {
+        if tokens == 0 {
             return Err(TokenError::Empty { path: None });
         }
-        Ok(Vocabulary {
+        arena.resize(arena_end + 16, 0);
+        arena[arena_end..].fill(0);
+        let mut vocab = Vocabulary {
             short,
+            mid,
+            arena: arena.into_boxed_slice(),
             long,
             pair_ranks,
             max_token_len,
-        })
+            char_done: Box::default(),
+            cross_min: FxHashMap::default(),
+        };
+        vocab.index_characters();
+        Ok(vocab)
+    }
+
+    /// Fills `char_done` and `cross_min` from the tokens.
+    fn index_characters(&mut self) {
+        let mut char_done = vec![NO_RANK; 0x1_0000].into_boxed_slice();
+        for b in 0..0x80u8 {
+            if self.rank(&[b]) != NO_RANK {
+                char_done[usize::from(b)] = 0;
+            }
+        }
+        let mut cross_min: FxHashMap<u16, u32> = FxHashMap::default();
+        let mut visit = |token: &[u8], rank: u32| match std::str::from_utf8(token) {
+            Ok(text) => {
+                let mut chars = text.chars();
+                if let (Some(c), None) = (chars.next(), chars.next()) {
+                    let code = c as usize;
+                    let first = match *token {
+                        [a, b] => Some(self_pair(&self.pair_ranks, a, b)),
+                        [a, b, c] => {
+                            let first = self_pair(&self.pair_ranks, a, b).min(self_pair(
+                                &self.pair_ranks,
+                                b,
+                                c,
+                            ));
+                            (first != NO_RANK).then_some(first.max(rank))
+                        }
+                        _ => None,
+                    };
+                    if let Some(m) = first.filter(|&m| m != NO_RANK) {
+                        if code < char_done.len() {
+                            char_done[code] = m;
+                        }
+                    }
+                }
+            }
+            Err(_) => {
+                for k in 1..token.len() {
+                    if token[k] & 0xC0 != 0x80 {
+                        let pair = u16::from(token[k - 1]) << 8 | u16::from(token[k]);
+                        let min = cross_min.entry(pair).or_insert(rank);
+                        *min = (*min).min(rank);
+                    }
+                }
+            }
+        };
+        for &entry in self.short.iter() {
+            let len = (entry >> 88) as usize & 0xF;
+            visit(&entry.to_le_bytes()[..len], (entry >> 96) as u32);
+        }
+        for &entry in self.mid.iter() {
+            let start = (entry as u32 >> 4) as usize;
+            let len = (entry & 0xF) as usize;
+            visit(&self.arena[start..start + len], (entry >> 32) as u32);
+        }
+        for (token, &rank) in &self.long {
+            visit(token, rank);
+        }
+        self.char_done = char_done;
+        self.cross_min = cross_min;
     }
 
     /// Reads and parses a tiktoken BPE file.
@@ -222,7 +370,22 @@ impl Vocabulary {
 
     /// Number of tokens in the vocabulary (special tokens excluded).
     pub fn len(&self) -> usize {
-        self.short.len() + self.long.len()
+        self.short.len() + self.mid.len() + self.long.len()
+    }
+
+    /// The rank of the token packed as `key` (`pack`), if it has up to 15 bytes.
+    #[inline]
+    fn short_rank(&self, key: u128) -> u32 {
+        if (key >> 120) as usize <= INLINE_MAX {
+            let inline = inline_key(key);
+            self.short
+                .find(key_hash(inline), |&e| e & INLINE_KEY == inline)
+                .map_or(NO_RANK, |&e| (e >> 96) as u32)
+        } else {
+            self.mid
+                .find(key_hash(key), |&e| entry_key(&self.arena, e) == key)
+                .map_or(NO_RANK, |&e| (e >> 32) as u32)
+        }
     }
 
     /// Whether the vocabulary holds no token (never, once loaded).
@@ -280,14 +443,13 @@ impl Vocabulary {
 
     #[inline]
     fn rank(&self, bytes: &[u8]) -> u32 {
-        let found = if bytes.len() <= PACKED_MAX {
-            self.short.get(&pack(bytes))
+        if bytes.len() <= PACKED_MAX {
+            self.short_rank(pack(bytes))
         } else if bytes.len() <= self.max_token_len {
-            self.long.get(bytes)
+            self.long.get(bytes).copied().unwrap_or(NO_RANK)
         } else {
-            None
-        };
-        found.copied().unwrap_or(NO_RANK)
+            NO_RANK
+        }
     }
 
     /// `rank(&window[start..end])`, reading the packed key with one 16-byte
@@ -298,8 +460,7 @@ impl Vocabulary {
         if len <= PACKED_MAX {
             if let Some(chunk) = window.get(start..start + 16) {
                 let word = u128::from_le_bytes(chunk.try_into().expect("16 bytes"));
-                let key = word & ((1u128 << (8 * len)) - 1) | (len as u128) << 120;
-                return self.short.get(&key).copied().unwrap_or(NO_RANK);
+                return self.short_rank(word_key(word, len));
             }
         }
         self.rank(&window[start..end])
@@ -327,6 +488,8 @@ impl Vocabulary {
             _ => {
                 if self.rank_in(window, 0, n) != NO_RANK {
                     1
+                } else if n >= 5 && !window[..n].is_ascii() {
+                    self.merge_chars(window, n, scratch)
                 } else if n <= SMALL_PIECE {
                     self.merge_small(window, n)
                 } else {
@@ -389,6 +552,7 @@ impl Vocabulary {
             prev,
             ranks,
             heap,
+            ..
         } = scratch;
         next.clear();
         next.extend(1..=n as u32);
@@ -438,6 +602,151 @@ impl Vocabulary {
         }
         parts
     }
+
+    /// The same merges as `merge_heap` on `window[..n]` (which holds a non-ASCII
+    /// character), starting from whole characters rather than bytes wherever that
+    /// gives the same result: elsewhere a character starts as its bytes.
+    ///
+    /// Why it is the same: the merges inside a character `c` rank at most
+    /// `char_done[c]`. A merge that joins part of a character to another makes a
+    /// token counted in `cross_min` for a boundary next to that character; when
+    /// `cross_min` of both boundaries of a character is above its `char_done`, no
+    /// such merge can come before it is whole, and none after. So it can start as a
+    /// part that becomes whole at its own rank (an event in the heap, in rank order
+    /// with the merges), and only whole parts merge. Characters where that does not
+    /// hold (or not in `char_done`) start as their bytes, whose merges are all made
+    /// here; starting a character as bytes only loosens the check of its neighbours.
+    fn merge_chars(&self, window: &[u8], n: usize, scratch: &mut Scratch) -> usize {
+        let Scratch {
+            next,
+            prev,
+            ranks,
+            heap,
+            starts,
+            pending,
+            chars,
+        } = scratch;
+        // (start, char_done) of each character; `NO_RANK`: starts as its bytes.
+        chars.clear();
+        let mut i = 0;
+        while i < n {
+            let b0 = window[i];
+            let (code, len) = match b0 {
+                0x00..=0x7F => (u32::from(b0), 1),
+                0xC0..=0xDF => (
+                    u32::from(b0 & 0x1F) << 6 | u32::from(window[i + 1] & 0x3F),
+                    2,
+                ),
+                0xE0..=0xEF => (
+                    u32::from(b0 & 0x0F) << 12
+                        | u32::from(window[i + 1] & 0x3F) << 6
+                        | u32::from(window[i + 2] & 0x3F),
+                    3,
+                ),
+                _ => (u32::MAX, 4),
+            };
+            let done = self
+                .char_done
+                .get(code as usize)
+                .copied()
+                .unwrap_or(NO_RANK);
+            if let Some(&mut (_, ref mut before)) = chars.last_mut() {
+                let pair = u16::from(window[i - 1]) << 8 | u16::from(b0);
+                let both_bytes = *before == NO_RANK && done == NO_RANK;
+                if !both_bytes {
+                    if let Some(&min) = self.cross_min.get(&pair) {
+                        let limit = |d: u32| if d == NO_RANK { 0 } else { d };
+                        if min <= limit(*before).max(limit(done)) {
+                            *before = NO_RANK;
+                            chars.push((i as u32, NO_RANK));
+                            i += len;
+                            continue;
+                        }
+                    }
+                }
+            }
+            chars.push((i as u32, done));
+            i += len;
+        }
+        // Parts: whole characters pending until their rank, or single bytes.
+        starts.clear();
+        pending.clear();
+        for (c, &(start, done)) in chars.iter().enumerate() {
+            if done == NO_RANK {
+                let end = chars.get(c + 1).map_or(n as u32, |&(s, _)| s);
+                starts.extend(start..end);
+                pending.extend((start..end).map(|_| 0));
+            } else {
+                starts.push(start);
+                pending.push(done);
+            }
+        }
+        let k = starts.len();
+        starts.push(n as u32);
+        next.clear();
+        next.extend(1..=k as u32);
+        prev.clear();
+        prev.extend((0..k as u32).map(|p| p.wrapping_sub(1)));
+        ranks.clear();
+        ranks.resize(k, NO_RANK);
+        let mut entries = std::mem::take(heap).into_vec();
+        entries.clear();
+        // `pending[p]`: the rank at which part p becomes whole, 0 once it is.
+        for p in 0..k {
+            if pending[p] != 0 {
+                entries.push(Reverse(u64::from(pending[p]) << 32 | p as u64));
+            } else if p + 1 < k && pending[p + 1] == 0 {
+                ranks[p] = self.rank_in(window, starts[p] as usize, starts[p + 2] as usize);
+                if ranks[p] != NO_RANK {
+                    entries.push(Reverse(u64::from(ranks[p]) << 32 | p as u64));
+                }
+            }
+        }
+        *heap = BinaryHeap::from(entries);
+        let end = |next: &[u32], p: usize| starts[next[p] as usize] as usize;
+        let mut parts = k;
+        while let Some(Reverse(entry)) = heap.pop() {
+            let (rank, p) = ((entry >> 32) as u32, entry as u32 as usize);
+            if pending[p] != 0 {
+                if pending[p] != rank {
+                    continue;
+                }
+                // Part p becomes whole: it may now merge with whole neighbours.
+                pending[p] = 0;
+            } else {
+                if ranks[p] != rank {
+                    continue;
+                }
+                // Merge part p with the next one, q.
+                let q = next[p] as usize;
+                ranks[q] = NO_RANK;
+                next[p] = next[q];
+                if (next[p] as usize) < k {
+                    prev[next[p] as usize] = p as u32;
+                }
+                parts -= 1;
+            }
+            let r = next[p] as usize;
+            ranks[p] = if r < k && pending[r] == 0 {
+                self.rank_in(window, starts[p] as usize, end(next, r))
+            } else {
+                NO_RANK
+            };
+            if ranks[p] != NO_RANK {
+                heap.push(Reverse(u64::from(ranks[p]) << 32 | p as u64));
+            }
+            if p > 0 {
+                let o = prev[p] as usize;
+                if pending[o] == 0 {
+                    ranks[o] = self.rank_in(window, starts[o] as usize, end(next, p));
+                    if ranks[o] != NO_RANK {
+                        heap.push(Reverse(u64::from(ranks[o]) << 32 | o as u64));
+                    }
+                }
+            }
+        }
+        parts
+    }
 }
 
 /// Buffers `merge_heap` reuses from one piece to the next.
@@ -447,10 +756,24 @@ struct Scratch {
     prev: Vec<u32>,
     ranks: Vec<u32>,
     heap: BinaryHeap<Reverse<u64>>,
+    starts: Vec<u32>,
+    pending: Vec<u32>,
+    chars: Vec<(u32, u32)>,
 }
 
-/// Longest token kept in `Vocabulary::short`.
+/// Longest token `pack` takes (kept in `Vocabulary::short` or `mid`).
 const PACKED_MAX: usize = 15;
+/// Longest token kept in `Vocabulary::short`, in its slot.
+const INLINE_MAX: usize = 11;
+/// The bytes and the length of a `Vocabulary::short` slot.
+const INLINE_KEY: u128 = (1 << 96) - 1;
+
+/// A packed key (`pack`, at most `INLINE_MAX` bytes) with its length moved down to
+/// bits 88..92, under the rank of a `Vocabulary::short` slot.
+#[inline(always)]
+fn inline_key(key: u128) -> u128 {
+    key & ((1 << 88) - 1) | (key >> 120) << 88
+}
 
 /// A byte string of at most `PACKED_MAX` bytes as one integer: the bytes,
 /// then the length in the top byte (so that trailing zero bytes count).
@@ -461,6 +784,143 @@ fn pack(bytes: &[u8]) -> u128 {
     buf[..bytes.len()].copy_from_slice(bytes);
     buf[15] = bytes.len() as u8;
     u128::from_le_bytes(buf)
+}
+
+/// The packed bytes (`pack`) of the token a `Vocabulary::short` entry points at in
+/// `arena` (which holds 16 bytes past any token's start).
+#[inline(always)]
+fn entry_key(arena: &[u8], entry: u64) -> u128 {
+    let start = (entry as u32 >> 4) as usize;
+    let len = (entry & 0xF) as usize;
+    word_key(
+        u128::from_le_bytes(arena[start..start + 16].try_into().expect("16 bytes")),
+        len,
+    )
+}
+
+/// `pack` of the first `len` (at most 15) bytes of `word`, read as little-endian.
+#[inline(always)]
+fn word_key(word: u128, len: usize) -> u128 {
+    word & ((1u128 << (8 * len)) - 1) | (len as u128) << 120
+}
+
+/// Hash of a packed token: the two halves multiplied as 128-bit numbers and folded
+/// (the mixing step of foldhash and ahash), cheap and well spread in every bit.
+#[inline(always)]
+fn key_hash(key: u128) -> u64 {
+    // The high half holds the length (at most 15) in its top byte or in bits 88..92,
+    // never matching 0x13 there: the factors are never zero.
+    let lo = key as u64 ^ 0x243F_6A88_85A3_08D3;
+    let hi = (key >> 64) as u64 ^ 0x1319_8A2E_0370_7344;
+    let full = u128::from(lo).wrapping_mul(u128::from(hi));
+    full as u64 ^ (full >> 64) as u64
+}
+
+/// Base64 digit values, 0xFF for a byte that is none.
+const BASE64: [u8; 256] = {
+    let mut table = [0xFF; 256];
+    let digits = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut i = 0;
+    while i < 64 {
+        table[digits[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// A line as tiktoken writes it, `<base64> <rank>` with canonical standard base64 and
+/// at most 9 digits: (token length, rank, token). A token of up to 15 bytes comes back
+/// in the `u128` (little-endian, the rest zero), a longer one in `buf`. `None` for
+/// anything else (the general path then parses it, or words the error): what this
+/// accepts, the general path reads the same way.
+#[inline]
+fn fast_line(line: &[u8], buf: &mut [u8; 96]) -> Option<(usize, u32, u128)> {
+    let space = line.iter().position(|&b| b == b' ')?;
+    let (b64, digits) = (&line[..space], &line[space + 1..]);
+    if digits.is_empty() || digits.len() > 9 || b64.is_empty() || b64.len() % 4 != 0 {
+        return None;
+    }
+    if b64.len() / 4 * 3 > buf.len() {
+        return None;
+    }
+    let mut rank = 0u32;
+    for &d in digits {
+        let v = d.wrapping_sub(b'0');
+        if v > 9 {
+            return None;
+        }
+        rank = rank * 10 + u32::from(v);
+    }
+    // Up to 20 digits decode to at most 15 bytes: kept in a register.
+    let small = b64.len() <= 20;
+    let mut word = 0u128;
+    let mut out = 0;
+    let groups = b64.len() / 4;
+    for (g, quad) in b64.chunks_exact(4).enumerate() {
+        let (value, count) = base64_group(quad, g + 1 == groups)?;
+        if small {
+            // The bytes big-endian in `value`; little-endian in `word`.
+            let le = (value >> 16) & 0xFF | value & 0xFF00 | (value & 0xFF) << 16;
+            word |= u128::from(le) << (8 * out);
+        } else {
+            buf[out..out + count].copy_from_slice(&value.to_be_bytes()[1..1 + count]);
+        }
+        out += count;
+    }
+    Some((out, rank, word))
+}
+
+/// One group of four base64 digits: its bytes (big-endian in the low 24 bits, zero
+/// past the count) and their count, 3, or 1 or 2 for canonical padding in the last
+/// group.
+#[inline(always)]
+fn base64_group(quad: &[u8], last: bool) -> Option<(u32, usize)> {
+    let [a, b, c, d] = [quad[0], quad[1], quad[2], quad[3]].map(|x| BASE64[usize::from(x)]);
+    if (a | b | c | d) < 64 {
+        let n = u32::from(a) << 18 | u32::from(b) << 12 | u32::from(c) << 6 | u32::from(d);
+        return Some((n, 3));
+    }
+    // Padding, only in the last group: "xx==" (one byte) or "xxx=" (two).
+    if !last || a > 63 || b > 63 || quad[3] != b'=' {
+        return None;
+    }
+    if quad[2] == b'=' {
+        (b & 0x0F == 0).then_some((u32::from(a) << 18 | u32::from(b) << 12, 1))
+    } else {
+        (c < 64 && c & 0x03 == 0).then_some((
+            u32::from(a) << 18 | u32::from(b) << 12 | u32::from(c) << 6,
+            2,
+        ))
+    }
+}
+
+/// Rank -> line of the first `lines` lines of `data`, already read without error.
+fn rank_lines(data: &[u8], lines: usize) -> FxHashMap<u32, usize> {
+    let mut map = FxHashMap::default();
+    for (index, line) in data.split(|&b| b == b'\n').take(lines).enumerate() {
+        let rank = line
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|f| !f.is_empty())
+            .nth(1)
+            .and_then(parse_rank);
+        if let Some(rank) = rank {
+            map.insert(rank, index + 1);
+        }
+    }
+    map
+}
+
+/// A rank: decimal digits that fit a u32, `u32::MAX` excluded (tiktoken's "no rank").
+fn parse_rank(text: &[u8]) -> Option<u32> {
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .filter(|&r| r != NO_RANK)
+}
+
+/// `pair_ranks[a << 8 | b]`.
+fn self_pair(pair_ranks: &[u32], a: u8, b: u8) -> u32 {
+    pair_ranks[usize::from(a) << 8 | usize::from(b)]
 }
 
 /// Length of the Qwen special token at the start of `bytes`, if any.
@@ -556,6 +1016,9 @@ const SURELY_NFC: &[(u32, u32)] = &[
 ];
 
 fn surely_nfc(text: &str) -> bool {
+    if text.is_ascii() {
+        return true;
+    }
     let bytes = text.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
@@ -1203,6 +1666,97 @@ mod tests {
     }
 
     #[test]
+    fn fast_lines_read_as_the_general_path_does() {
+        let engine = base64::engine::general_purpose::STANDARD;
+        let mut rng = Rng(0xDEAD_BEEF);
+        let mut buf = [0u8; 96];
+        for len in 1..=72 {
+            for _ in 0..20 {
+                let token: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                let rank = (rng.next() % 1_000_000_000) as u32;
+                let line = format!("{} {rank}", engine.encode(&token));
+                let (n, r, word) = fast_line(line.as_bytes(), &mut buf).expect(&line);
+                assert_eq!((n, r), (len, rank), "{line}");
+                let got = if n <= PACKED_MAX {
+                    word.to_le_bytes()[..n].to_vec()
+                } else {
+                    buf[..n].to_vec()
+                };
+                assert_eq!(got, token, "{line}");
+            }
+        }
+        // Anything else goes to the general path (which accepts or words an error).
+        for line in [
+            "YR== 1",
+            "YQ= 1",
+            "Y=== 1",
+            "YQ==YQ== 1",
+            "YWJ= 1",
+            " YQ== 1",
+            "YQ==  1",
+            "YQ== 1\r",
+            "YQ== 1234567890",
+            "YQ== -1",
+            "YQ== ",
+            "YQ==",
+            "",
+            "Y!== 1",
+        ] {
+            assert_eq!(fast_line(line.as_bytes(), &mut buf), None, "{line:?}");
+        }
+        // Both paths build the same vocabulary.
+        let vocab = Vocabulary::from_tiktoken_bytes(b"YQ== 0\r\n  Yg== 1\nYWI=\t2\n").unwrap();
+        assert_eq!(vocab.count("ab"), 1);
+        assert_eq!(vocab.len(), 3);
+    }
+
+    #[test]
+    fn short_tokens_are_told_apart_by_length_and_every_byte() {
+        let zeros = "\0".repeat(15);
+        let fifteen = "abcdefghijklmno";
+        let sixteen = "abcdefghijklmnop";
+        let vocab = tiny_vocab(&[
+            "a\0",
+            "\0\0",
+            &zeros,
+            fifteen,
+            sixteen,
+            "ab",
+            "abcdefghijk",
+            "abcdefghijkl",
+            "abcdefghij\0",
+        ]);
+        let rank = |s: &str| vocab.rank(s.as_bytes());
+        assert_eq!(rank("\0"), 0);
+        assert_eq!(rank("a"), 97);
+        assert_eq!(rank("a\0"), 256);
+        assert_eq!(rank("\0\0"), 257);
+        assert_eq!(rank(&zeros), 258);
+        assert_eq!(rank(fifteen), 259);
+        assert_eq!(rank(sixteen), 260);
+        assert_eq!(rank("ab"), 261);
+        assert_eq!(rank("abcdefghijk"), 262);
+        assert_eq!(rank("abcdefghijkl"), 263);
+        assert_eq!(rank("abcdefghij\0"), 264);
+        assert_eq!(rank("abcdefghij"), NO_RANK);
+        assert_eq!(rank("abcdefghij\0\0"), NO_RANK);
+        for absent in [
+            "a\0\0",
+            "\0\0\0",
+            "\0a",
+            "abcdefghijklmn",
+            "ba",
+            "abcdefghijklmnq",
+        ] {
+            assert_eq!(rank(absent), NO_RANK, "{absent:?}");
+        }
+        // Through the 16-byte window reads of counting, too.
+        assert_eq!(vocab.count(sixteen), 1);
+        assert_eq!(vocab.count(fifteen), 1);
+        assert_eq!(vocab.count("ab ab"), 3);
+    }
+
+    #[test]
     fn specials_count_one_token_each() {
         let vocab = tiny_vocab(&[]);
         assert_eq!(vocab.count("<|im_start|>"), 12);
@@ -1321,6 +1875,17 @@ mod tests {
                 .ends_with("line 2: rank 0 already given on line 1"),
             "{error}"
         );
+        // Ranks out of order are fine, a rank given twice is not, wherever it comes.
+        let vocab = Vocabulary::from_tiktoken_bytes(b"YQ== 5\n\nYg== 3\nYw== 4\n").unwrap();
+        assert_eq!(vocab.len(), 3);
+        let error =
+            Vocabulary::from_tiktoken_bytes(b"YQ== 5\n\nYg== 3\nYw== 4\nZA== 5\n").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .ends_with("line 5: rank 5 already given on line 1"),
+            "{error}"
+        );
         let error = Vocabulary::from_tiktoken_bytes(b"\n\n").unwrap_err();
         assert_eq!(error.to_string(), "Qwen vocabulary holds no tokens");
         // CRLF line ends are accepted.
@@ -1423,6 +1988,32 @@ mod tests {
             let bound = text_bound(Some(&vocab), text);
             assert!(bound >= dashscope && bound >= ordinary, "{text:?}");
             assert_eq!(bound, ordinary.max(dashscope), "{text:?}");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs QWEN_TIKTOKEN (the Qwen vocabulary); .ci/run runs it"]
+    fn qwen_character_merges_equal_tiktokens() {
+        let vocab = qwen();
+        let alphabet: Vec<char> = concat!(
+            "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发",
+            "年动同工也能下过子说产种面而方后多定行学法所民得经十三之进着等部度家电力里如",
+            "水化高自二理起小物现实加量都两体制机当使点从业本去把性好应开它合还因由其些然",
+            "龘鬱齉éèàüößñçåøабвгдежзийклмнопрстуфхцчшщыэюяαβγδεζ가나다라마바사ひらがなカタ",
+            "ナ，。、；：！？·—…“” abcxyzAZ019'\t\n😀👍🏽\u{10400}",
+        )
+        .chars()
+        .collect();
+        let mut rng = Rng(0x5151_7E57);
+        let mut scratch = Scratch::default();
+        for _ in 0..20_000 {
+            let len = 2 + rng.next() % 30;
+            let text: String = (0..len)
+                .map(|_| alphabet[(rng.next() % alphabet.len() as u64) as usize])
+                .collect();
+            let bytes = text.as_bytes();
+            let parts = vocab.merge_chars(bytes, bytes.len(), &mut scratch);
+            assert_eq!(parts, reference_merge_count(&vocab, bytes), "{text:?}");
         }
     }
 
