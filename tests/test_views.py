@@ -219,6 +219,10 @@ def test_guard_view_shows_percent_used_reserved_and_balance(used: qg.QuotaGuard)
     for cell in ("361,917/1,000,000", "36.2%", "637,083", "1,000", EXPIRES, "active"):
         assert f">{cell}</td>" in page, cell
     assert "balance 1,234.50 CNY" in page
+    assert "background:#f0ad4e;" in page  # 36.2% left: an amber bar, in a web colour
+    used.block("testing")
+    assert "<div style='color:#d9534f'><b>blocked</b>: testing</div>" in used._repr_html_()
+    used.unblock()
     used.mark_overdue()
     assert "OVERDUE: every call is refused" in used.status()
     assert "OVERDUE" in used._repr_html_()
