@@ -442,6 +442,18 @@ def test_forecast_and_alert_reprs(guard: qg.QuotaGuard, clock: Clock) -> None:
     assert repr(low) == f"<Alert {low} at 2026-01-10 13:00 CST>"
 
 
+def test_reservation_repr_shows_its_lease_in_cst(guard: qg.QuotaGuard) -> None:
+    guard.grant(MODEL, tokens=10_000)
+    held = guard.reserve(MODEL, 1_000, 2_500)
+    lease = held.expires_at.astimezone(_format.CST).strftime("%Y-%m-%d %H:%M")
+    assert repr(held) == (
+        f"<Reservation {held.id} {MODEL} {held.kind}: worst case 3,500 tokens "
+        f"(3,500 free), lease until {lease} CST, open>"
+    )
+    held.settle(900, 100)
+    assert repr(held).endswith(", settled or released>")
+
+
 def test_budget_views(guard: qg.QuotaGuard) -> None:
     guard.grant(MODEL, tokens=1_000_000)
     with guard.budget(tokens=10_000, cost="1.5", name="eval") as b:

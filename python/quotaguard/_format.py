@@ -19,7 +19,16 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, cast, overload
 
 if TYPE_CHECKING:
-    from ._core import Alert, Bill, BillLine, Forecast, HourStats, Quota, UsageRecord
+    from ._core import (
+        Alert,
+        Bill,
+        BillLine,
+        Forecast,
+        HourStats,
+        Quota,
+        Reservation,
+        UsageRecord,
+    )
     from .guard import Budget, QuotaGuard
 
 __all__ = [
@@ -647,6 +656,16 @@ class StatsList(list["HourStats"]):
 # ---------------------------------------------------------------------- the rest
 
 
+def _reservation_repr(r: Reservation) -> str:
+    """``<Reservation 42 qwen-max realtime: worst case 8,221 tokens (8,221 free), lease
+    until ... CST, open>``: the worst case held, its free part, the lease's end in CST."""
+    left = "settled or released" if r.done else "open"
+    return (
+        f"<Reservation {r.id} {r.model} {r.kind}: worst case {r.worst_case:,} tokens "
+        f"({r.free_tokens:,} free), lease until {cst(r.expires_at)}, {left}>"
+    )
+
+
 def _forecast_repr(f: Forecast) -> str:
     outlook = _outlook(f) or ("no quota" if f.expires_at is None else "nothing left")
     return (
@@ -769,6 +788,7 @@ _RENDERERS: dict[tuple[str, str], Callable[[Any], str]] = {
         STATS_HEAD, [[_e(c) for c in _stats_cells(s)]], right=range(2, 7)
     ),
     ("Forecast", "repr"): _forecast_repr,
+    ("Reservation", "repr"): _reservation_repr,
     ("Alert", "repr"): _alert_repr,
     ("Alert", "str"): _alert_text,
 }
