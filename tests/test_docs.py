@@ -80,6 +80,8 @@ def _check_outputs(nb: dict[str, Any]) -> None:
     assert any("quotaguard-budget" in h and "tokens of 800" in h for h in html), html
 
     printed = "".join(_text(o["text"]) for o in outputs if o["output_type"] == "stream")
+    assert [o for o in outputs if o.get("name") == "stderr"] == [], "warnings on stderr"
+    assert 'NoFreeQuotaWarning: calls to "qwen-max" are charged' in printed, printed
     assert f'refused: free quota of "{MODEL}" exhausted' in printed, printed
     assert "code: AllocationQuota.FreeTierOnly | reason: exhausted" in printed, printed
     sent = re.search(r"received: (\d+) before the call, (\d+) after", printed)
