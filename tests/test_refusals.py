@@ -85,9 +85,11 @@ def test_other_reasons_say_not_sent_and_their_own_fix() -> None:
     overdue.mark_overdue()
     e = refused(lambda: overdue.reserve("qwen-max", 1, 1), qg.AccountOverdue)
     assert "guard.top_up(amount)" in str(e) and "It was not sent" in str(e)
-    e = refused(lambda: free_only()._check_uncounted("qwen-max", "unbounded", "enable_search"))
+    e = refused(
+        lambda: free_only()._core._check_uncounted("qwen-max", "unbounded", "enable_search")
+    )
     assert "max_input_tokens=N" in str(e) and "It was not sent" in str(e)
-    e = refused(lambda: free_only()._check_uncounted(None, "unguarded", "POST /x"))
+    e = refused(lambda: free_only()._core._check_uncounted(None, "unguarded", "POST /x"))
     assert "POST /x" in str(e) and "It was not sent" in str(e)
     assert e.args[0] == str(e)  # the message is the first argument, as before
 
@@ -276,7 +278,7 @@ elif how == "own-handler":
 guard = qg.QuotaGuard("memory://")
 guard.grant("qwen-max", tokens=1000)
 guard.reserve("qwen-max", 850, 0).settle(850, 0)     # quota_low alert
-guard._record_usage("my-own-model", 10, 10)          # unpriced model
+guard._core._record_usage("my-own-model", 10, 10)          # unpriced model
 """
 
 
@@ -309,7 +311,7 @@ def test_every_record_comes_from_a_quotaguard_logger(caplog: pytest.LogCaptureFi
     guard.grant("qwen-max", tokens=1000)
     guard.on_alert(lambda alert: 1 / 0)  # a callback that raises is logged too
     guard.reserve("qwen-max", 850, 0).settle(850, 0)
-    guard._record_usage("my-own-model", 10, 10)
+    guard._core._record_usage("my-own-model", 10, 10)
     assert len(caplog.records) >= 3
     assert all(r.name.split(".")[0] == "quotaguard" for r in caplog.records)
 
