@@ -1687,14 +1687,9 @@ impl PyReservation {
         Ok(false)
     }
 
-    fn __repr__(&self) -> String {
-        format!(
-            "Reservation(id={}, model={:?}, kind={:?}, worst_case={}, done={})",
-            self.row.id,
-            self.row.model,
-            self.row.kind.as_str(),
-            self.row.worst,
-            if self.done() { "True" } else { "False" }
-        )
+    /// As `quotaguard._format` shows it: the worst case held, its free part, the lease's
+    /// end in CST, and whether it is still open.
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        crate::types::render(slf, "repr")
     }
 }

@@ -13,7 +13,7 @@ use quotaguard_core::money::{to_decimal, Currency};
 use quotaguard_core::quota::format_console_figure;
 
 /// `obj` as `quotaguard._format.render` writes it: `how` is `"repr"`, `"str"` or `"html"`.
-fn render<T: pyo3::PyTypeInfo>(obj: &Bound<'_, T>, how: &str) -> PyResult<String> {
+pub(crate) fn render<T: pyo3::PyTypeInfo>(obj: &Bound<'_, T>, how: &str) -> PyResult<String> {
     obj.py()
         .import("quotaguard._format")?
         .getattr("render")?

@@ -47,8 +47,29 @@ def _text(value: str | list[str]) -> str:
     return value if isinstance(value, str) else "".join(value)
 
 
+def _cell_outputs(nb: dict[str, Any], last_line: str) -> list[dict[str, Any]]:
+    """The outputs of the one code cell whose last line is ``last_line``."""
+    [cell] = [
+        c
+        for c in nb["cells"]
+        if c["cell_type"] == "code" and _text(c["source"]).strip().splitlines()[-1:] == [last_line]
+    ]
+    outputs: list[dict[str, Any]] = cell["outputs"]
+    return outputs
+
+
+def _cell_html(nb: dict[str, Any], last_line: str) -> str:
+    """The HTML shown by the one code cell whose last line is ``last_line``."""
+    return "".join(
+        _text(o["data"]["text/html"])
+        for o in _cell_outputs(nb, last_line)
+        if "text/html" in o.get("data", {})
+    )
+
+
 def _check_outputs(nb: dict[str, Any]) -> None:
-    """The guard's table, the refusal and the chart are all in the notebook's outputs."""
+    """The guard's table, the object views, the refusal and the plot are all in the
+    notebook's outputs."""
     outputs = _outputs(nb)
     assert not [o for o in outputs if o["output_type"] == "error"]
 
@@ -59,6 +80,8 @@ def _check_outputs(nb: dict[str, Any]) -> None:
     assert any("quotaguard-budget" in h and "tokens of 800" in h for h in html), html
 
     printed = "".join(_text(o["text"]) for o in outputs if o["output_type"] == "stream")
+    assert [o for o in outputs if o.get("name") == "stderr"] == [], "warnings on stderr"
+    assert 'NoFreeQuotaWarning: calls to "qwen-max" are charged' in printed, printed
     assert f'refused: free quota of "{MODEL}" exhausted' in printed, printed
     assert "code: AllocationQuota.FreeTierOnly | reason: exhausted" in printed, printed
     sent = re.search(r"received: (\d+) before the call, (\d+) after", printed)
@@ -68,6 +91,19 @@ def _check_outputs(nb: dict[str, Any]) -> None:
     images = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
     assert images, "no chart in the notebook's outputs"
     assert all(base64.b64decode(_text(i)).startswith(PNG_SIGNATURE) for i in images)
+
+    # The object views: a Quota, a Bill and a RecordList as tables, and guard.plot()'s
+    # picture in its own cell.
+    quota = _cell_html(nb, f'guard.quota("{MODEL}")')
+    assert f"<code>{MODEL}</code>" in quota and ">3,000/3,000</td>" in quota, quota
+    bill = _cell_html(nb, "bill")
+    assert "<b>Bill " in bill and "<code>qwen-max</code>" in bill, bill
+    records = _cell_html(nb, f'guard.records(model="{MODEL}")')
+    assert "<b>12 records</b>" in records and "<th>cost type</th>" in records, records
+    plot = _cell_outputs(nb, "guard.plot()")
+    pictures = [o["data"]["image/png"] for o in plot if "image/png" in o.get("data", {})]
+    assert pictures, "guard.plot() showed no picture"
+    assert base64.b64decode(_text(pictures[0])).startswith(PNG_SIGNATURE)
 
 
 @pytest.mark.timeout(300)

@@ -182,6 +182,36 @@ def test_spend_is_what_the_records_cost(
     assert f"· {qg._format.money(cost)} {live_guard.currency}" in last, last
 
 
+def test_the_live_view_says_the_state_the_status_says(
+    live_guard: qg.QuotaGuard, server: FakeDashScope, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,000 free tokens cannot cover a call at qwen-plus's defaults: the live view says
+    so as guard.status() does, in the notebook's HTML and on a terminal's line."""
+    from quotaguard import live
+
+    shown: list[str] = []
+
+    class Recorder:
+        def show(self, progress: Any) -> None:
+            shown.append(live.progress_html(progress))
+
+        def close(self, progress: Any) -> None:
+            self.show(progress)
+            shown.append(progress.text())
+
+    monkeypatch.setattr(live, "_display", Recorder)
+    client = _client(live_guard, server)
+    for _ in live_guard.track(range(2)):
+        _ask(client)
+    said = "too low for a default call, free only"
+    assert live_guard.status().endswith(said)
+    assert f"<td>{said}</td>" in shown[-2], shown[-2]
+    live_guard.grant("qwen-max", tokens=0)  # no free quota: the line names the state
+    for _ in live_guard.track(range(1)):
+        _ask(client, model="qwen-max")
+    assert shown[-1].endswith("qwen-max no free quota"), shown[-1]
+
+
 def test_bad_desc_is_named(live_guard: qg.QuotaGuard) -> None:
     with pytest.raises(TypeError, match="desc must be a str or None, not int"):
         live_guard.track([1], desc=5)  # type: ignore[arg-type]

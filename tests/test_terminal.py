@@ -188,6 +188,50 @@ def test_a_pipe_gets_the_librarys_own_text(ledger: str, isolated_home: Path) -> 
     assert "\x1b[" not in proc.stdout
 
 
+def test_a_quota_too_low_for_a_default_call_says_so_everywhere(
+    tmp_path: Path, isolated_home: Path
+) -> None:
+    """88 of 1,000,000 left covers the smallest call but not one left at its defaults:
+    the library's status, the notebook table and every form of `quotaguard status` say
+    so alike."""
+    path = str(tmp_path / "low.db")
+    guard = quotaguard.QuotaGuard(ledger=path)
+    guard.alert_threshold = None
+    guard.grant("qwen-max")
+    guard.grant(LONG)
+    guard.sync("qwen-max", "88/1,000,000")
+    said = "too low for a default call"
+    row = next(line for line in guard.status().splitlines() if line.startswith("qwen-max"))
+    assert row.endswith(said)
+    assert f">{said}</td>" in guard._repr_html_()
+
+    piped = run_pipe(isolated_home, "status", "--ledger", path)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == guard.status() + "\n"  # the same figures, % left, used, state
+    for width, short in ((120, said), (60, "too low by default")):  # fewer words at 60
+        proc = run_pipe(isolated_home, "status", "--ledger", path, COLUMNS=str(width))
+        row = next(line for line in proc.stdout.splitlines() if line.startswith("qwen-max"))
+        assert "88/1,000,000" in row and row.endswith(short), (width, row)
+        other = next(line for line in proc.stdout.splitlines() if line.startswith(LONG))
+        assert other.endswith("active"), (width, other)
+    wide = run_pipe(isolated_home, "status", "--ledger", path, COLUMNS="140").stdout
+    assert "<0.1% left" in wide and "999,912 used" in wide
+
+    code, out, _ = run_pty(isolated_home, "status", "--ledger", path, columns=140)
+    assert code == 0 and ANSI.search(out)
+    row = next(line for line in screen_lines(out) if line.startswith("qwen-max"))
+    assert row.endswith(said) and "<0.1% left" in row and "999,912 used" in row
+
+    one = run_pipe(isolated_home, "status", "--model", "qwen-max", "--ledger", path)
+    assert one.stdout.splitlines()[-1].endswith(said)
+
+    data = json.loads(run_pipe(isolated_home, "status", "--json", "--ledger", path).stdout)
+    states = {q["model"]: q["state"] for q in data["quotas"]}
+    assert states == {"qwen-max": said, LONG: "active"}
+    synced = run_pipe(isolated_home, "sync", "qwen-max", "88/1,000,000", "--ledger", path)
+    assert synced.stdout.splitlines()[-1].endswith(said), synced.stdout
+
+
 # ---------------------------------------------------------------------- colour
 
 

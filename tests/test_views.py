@@ -219,6 +219,10 @@ def test_guard_view_shows_percent_used_reserved_and_balance(used: qg.QuotaGuard)
     for cell in ("361,917/1,000,000", "36.2%", "637,083", "1,000", EXPIRES, "active"):
         assert f">{cell}</td>" in page, cell
     assert "balance 1,234.50 CNY" in page
+    assert "background:#f0ad4e;" in page  # 36.2% left: an amber bar, in a web colour
+    used.block("testing")
+    assert "<div style='color:#d9534f'><b>blocked</b>: testing</div>" in used._repr_html_()
+    used.unblock()
     used.mark_overdue()
     assert "OVERDUE: every call is refused" in used.status()
     assert "OVERDUE" in used._repr_html_()
@@ -436,6 +440,18 @@ def test_forecast_and_alert_reprs(guard: qg.QuotaGuard, clock: Clock) -> None:
     [low] = alerts
     assert str(low) == f'quota_low: free quota of "{MODEL}" at 1,500/10,000'
     assert repr(low) == f"<Alert {low} at 2026-01-10 13:00 CST>"
+
+
+def test_reservation_repr_shows_its_lease_in_cst(guard: qg.QuotaGuard) -> None:
+    guard.grant(MODEL, tokens=10_000)
+    held = guard.reserve(MODEL, 1_000, 2_500)
+    lease = held.expires_at.astimezone(_format.CST).strftime("%Y-%m-%d %H:%M")
+    assert repr(held) == (
+        f"<Reservation {held.id} {MODEL} {held.kind}: worst case 3,500 tokens "
+        f"(3,500 free), lease until {lease} CST, open>"
+    )
+    held.settle(900, 100)
+    assert repr(held).endswith(", settled or released>")
 
 
 def test_budget_views(guard: qg.QuotaGuard) -> None:

@@ -19,7 +19,16 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, SupportsIndex, cast, overload
 
 if TYPE_CHECKING:
-    from ._core import Alert, Bill, BillLine, Forecast, HourStats, Quota, UsageRecord
+    from ._core import (
+        Alert,
+        Bill,
+        BillLine,
+        Forecast,
+        HourStats,
+        Quota,
+        Reservation,
+        UsageRecord,
+    )
     from .guard import Budget, QuotaGuard
 
 __all__ = [
@@ -34,6 +43,7 @@ __all__ = [
     "format_quota",
     "money",
     "plot",
+    "quota_state",
     "record_to_dict",
     "render",
     "state",
@@ -71,7 +81,8 @@ RECORD_FIELDS = (
 # How many rows a list view shows: the first HEAD and the last TAIL, then a count.
 HEAD, TAIL = 20, 5
 
-GREEN, AMBER, RED, GREY = "#5cb85c", "#f0ad4e", "#d9534f", "#999"
+# The notebook's colours (the terminal's SGR codes, RED etc., are further down).
+HTML_GREEN, HTML_AMBER, HTML_RED, HTML_GREY = "#5cb85c", "#f0ad4e", "#d9534f", "#999"
 
 
 class _Guard(Protocol):
@@ -241,11 +252,17 @@ def state(q: Quota, sizes: tuple[int, int] | None = None) -> str:
     return f"{level}, free only" if q.free_only else level
 
 
+def quota_state(guard: _Guard, q: Quota) -> str:
+    """``q``'s state as every view of the guard shows it (:func:`state` with the model's
+    :func:`call_sizes`): the library's status, the notebook table and the command line."""
+    return state(q, call_sizes(guard, q.model))
+
+
 def _color(q: Quota, st: str) -> str:
     if st in ("active", "free only"):
         left = q.fraction_left
-        return RED if left <= 0.2 else (AMBER if left <= 0.5 else GREEN)
-    return GREY if st in ("expired", "no free quota") else RED
+        return HTML_RED if left <= 0.2 else (HTML_AMBER if left <= 0.5 else HTML_GREEN)
+    return HTML_GREY if st in ("expired", "no free quota") else HTML_RED
 
 
 def format_quota(q: Quota, width: int = 0, sizes: tuple[int, int] | None = None) -> str:
@@ -324,10 +341,11 @@ def _money_line(guard: _Guard) -> str | None:
     return " · ".join(parts)
 
 
-def status_text(guard: _Guard) -> str:
-    """The guard as text: a heading, one line per model (see :func:`format_quota`), then
-    the kill switch and the balance when they apply."""
-    quotas = guard.quotas()
+def status_text(guard: _Guard, quotas: Sequence[Quota] | None = None) -> str:
+    """The guard as text: a heading, one line per model (see :func:`format_quota`; the
+    models of ``quotas`` when given), then the kill switch and the balance when they
+    apply."""
+    quotas = guard.quotas() if quotas is None else quotas
     head = f"quotaguard · account {guard.account!r} · {guard.region} · ledger {guard.ledger}"
     if not quotas:
         lines = [head, "(no free quota granted yet: guard.grant(model) or `quotaguard grant`)"]
@@ -349,14 +367,16 @@ def status_html(guard: _Guard) -> str:
     forecasts = {f.model: f for f in guard.forecasts()}
     rows = []
     for q in guard.quotas():
-        st = state(q, call_sizes(guard, q.model))
+        st = quota_state(guard, q)
         f = forecasts.get(q.model)
         rows.append([*_quota_cells(q, st), _e("" if f is None else _outlook(f))])
     if not rows:
         rows.append(["no free quota granted yet", *[""] * len(QUOTA_HEAD)])
     blocked = guard.blocked
     banner = (
-        "" if blocked is None else f"<div style='color:{RED}'><b>blocked</b>: {_e(blocked)}</div>"
+        ""
+        if blocked is None
+        else f"<div style='color:{HTML_RED}'><b>blocked</b>: {_e(blocked)}</div>"
     )
     money_line = _money_line(guard)
     foot = "" if money_line is None else f"<div>{_e(money_line)}</div>"
@@ -636,6 +656,16 @@ class StatsList(list["HourStats"]):
 # ---------------------------------------------------------------------- the rest
 
 
+def _reservation_repr(r: Reservation) -> str:
+    """``<Reservation 42 qwen-max realtime: worst case 8,221 tokens (8,221 free), lease
+    until ... CST, open>``: the worst case held, its free part, the lease's end in CST."""
+    left = "settled or released" if r.done else "open"
+    return (
+        f"<Reservation {r.id} {r.model} {r.kind}: worst case {r.worst_case:,} tokens "
+        f"({r.free_tokens:,} free), lease until {cst(r.expires_at)}, {left}>"
+    )
+
+
 def _forecast_repr(f: Forecast) -> str:
     outlook = _outlook(f) or ("no quota" if f.expires_at is None else "nothing left")
     return (
@@ -758,6 +788,7 @@ _RENDERERS: dict[tuple[str, str], Callable[[Any], str]] = {
         STATS_HEAD, [[_e(c) for c in _stats_cells(s)]], right=range(2, 7)
     ),
     ("Forecast", "repr"): _forecast_repr,
+    ("Reservation", "repr"): _reservation_repr,
     ("Alert", "repr"): _alert_repr,
     ("Alert", "str"): _alert_text,
 }
@@ -1092,51 +1123,89 @@ def level_sgr(fraction: float) -> str:
 STATE_SGR = {
     "active": GREEN,
     "free only": CYAN,
+    "too low for a default call": YELLOW,
+    "too low for a call": RED,
     "used up": RED,
     "expired": RED,
     "no free quota": DIM,
 }
 
 
-def _quota_rows(quotas: Iterable[Quota]) -> list[list[str | Cell]]:
+def state_sgr(st: str) -> str:
+    """The colour of a state: by its first part (``used up, free only`` is red)."""
+    return STATE_SGR.get(st.split(",")[0], "")
+
+
+# What a narrow terminal shows of a long state.
+_SHORT_STATE = {"too low for a default call": "too low by default", "too low for a call": "too low"}
+
+
+def state_cell(st: str) -> Cell:
+    """A state, then shorter: without ``, free only``, then in fewer words."""
+    level = st.split(",")[0]
+    variants = [st, level, _SHORT_STATE.get(level, level)]
+    return cell(*dict.fromkeys(variants), sgr=state_sgr(st))
+
+
+def _quota_rows(quotas: Iterable[Quota], states: Sequence[str]) -> list[list[str | Cell]]:
     rows: list[list[str | Cell]] = []
-    for q in quotas:
+    for q, st in zip(quotas, states, strict=True):
         expires = q.expires_at.astimezone(CST)
-        s = state(q)
+        level = level_sgr(q.fraction_left)
+        left = percent(q.fraction_left)
         rows.append(
             [
                 cell(q.model, sgr=BOLD),
-                cell(q.console, sgr=level_sgr(q.fraction_left)),
-                cell(
-                    bar(q.fraction_left), bar(q.fraction_left, 10), sgr=level_sgr(q.fraction_left)
-                ),
+                cell(q.console, sgr=level),
+                cell(bar(q.fraction_left), bar(q.fraction_left, 10), sgr=level),
+                cell(f"{left} left", left, sgr=level),
+                f"{q.used:,} used",
+                cell(f"{q.reserved:,} reserved", f"+{q.reserved:,}") if q.reserved else "",
                 cell(
                     f"expires {cst(q.expires_at)}",
                     f"expires {expires:%Y-%m-%d}",
                     f"{expires:%Y-%m-%d}",
                 ),
-                cell(s, sgr=STATE_SGR.get(s, "")),
-                cell(f"({q.reserved:,} reserved)", f"+{q.reserved:,}") if q.reserved else "",
+                state_cell(st),
             ]
         )
     return rows
 
 
+# The columns of format_quota's line; on a narrow terminal the reserved tokens go first,
+# then the bar and the expiry shorten, the used tokens go, the % left shortens, the bar
+# goes, then the % left, then the expiry; the model, its figure and its state stay.
 QUOTA_COLUMNS = (
     Column(keep=9, drop=False, shrink=True),  # model
     Column(right=True, keep=8, drop=False),  # 362,917/1,000,000
-    Column(keep=2),  # bar
-    Column(keep=4, squeeze=2),  # expiry
+    Column(keep=4, squeeze=2),  # bar
+    Column(right=True, keep=5, squeeze=3),  # 36.3% left
+    Column(right=True, keep=3),  # 637,083 used
+    Column(right=True, keep=1),  # reserved
+    Column(keep=6, squeeze=2),  # expiry
     Column(keep=7),  # state
-    Column(keep=1),  # reserved
 )
 
 
+def _states(guard: _Guard | None, quotas: Sequence[Quota]) -> list[str]:
+    return [state(q) if guard is None else quota_state(guard, q) for q in quotas]
+
+
 def quota_lines(
-    quotas: Sequence[Quota], width: int | None = None, colour: bool = False
+    quotas: Sequence[Quota],
+    width: int | None = None,
+    colour: bool = False,
+    guard: _Guard | None = None,
 ) -> list[str]:
-    """One line per model, as the console shows it, fitted to ``width``."""
-    return fit_table(QUOTA_COLUMNS, _quota_rows(quotas), width, colour=colour, header=False)
+    """One line per model, as :func:`status_text` shows it, fitted to ``width``; the
+    states as ``guard`` sees them (see :func:`quota_state`) when given."""
+    if not colour and guard is not None:
+        name = max((len(q.model) for q in quotas), default=0)
+        lines = [format_quota(q, name, call_sizes(guard, q.model)) for q in quotas]
+        if width is None or all(cell_width(line) <= width for line in lines):
+            return lines
+    rows = _quota_rows(quotas, _states(guard, quotas))
+    return fit_table(QUOTA_COLUMNS, rows, width, colour=colour, header=False)
 
 
 def status_lines(
@@ -1148,30 +1217,30 @@ def status_lines(
     empty: str | None = None,
 ) -> list[str]:
     """:func:`status_text`, fitted to ``width`` and coloured: the same heading, a line
-    per model, the kill switch and the balance. ``quotas`` replaces the guard's list;
-    ``empty`` what is said when there is none."""
-    if quotas is None and empty is None and not colour:
-        text = status_text(guard)
+    per model with the same figures and state, the kill switch and the balance.
+    ``quotas`` replaces the guard's list; ``empty`` what is said when there is none."""
+    quotas = guard.quotas() if quotas is None else quotas
+    if not colour and (quotas or empty is None):
+        text = status_text(guard, quotas)
         if width is None or all(cell_width(line) <= width for line in text.split("\n")):
             return text.split("\n")
-    quotas = guard.quotas() if quotas is None else quotas
     head = f"quotaguard · account {guard.account!r} · {guard.region} · ledger {guard.ledger}"
     lines = [paint(line, BOLD, colour) for line in wrap(head, width)]
     if not quotas:
         note = empty or "(no free quota granted yet: guard.grant(model) or `quotaguard grant`)"
         return lines + wrap(note, width)
-    lines += quota_lines(quotas, width, colour)
+    lines += quota_lines(quotas, width, colour, guard)
     blocked = guard.blocked
     if blocked is not None:
         text = f"BLOCKED: every call is refused ({blocked}); `quotaguard unblock` lifts it"
         lines += [paint(line, "1;31", colour) for line in wrap(text, width)]
-    overdue = guard.overdue
-    balance = guard.balance
-    if balance is not None or overdue:
-        said = f"balance {balance} {guard.currency}" if balance is not None else "balance untracked"
-        if overdue:
-            said += "  " + paint("OVERDUE: every call is refused", "1;31", colour)
-        lines += wrap(said, width)
+    money_line = _money_line(guard)
+    if money_line is not None:
+        overdue = "OVERDUE: every call is refused"
+        lines += [
+            line.replace(overdue, paint(overdue, "1;31", colour))
+            for line in wrap(money_line, width)
+        ]
     return lines
 
 
@@ -1226,8 +1295,9 @@ def bill_lines(
 # ---- plain data, for --json
 
 
-def quota_data(q: Quota) -> dict[str, Any]:
-    """A quota as plain data (what ``quotaguard status --json`` lists)."""
+def quota_data(q: Quota, guard: _Guard | None = None) -> dict[str, Any]:
+    """A quota as plain data (what ``quotaguard status --json`` lists); its state as
+    ``guard`` sees it (see :func:`quota_state`) when given."""
     return {
         "model": q.model,
         "remaining": q.remaining,
@@ -1241,7 +1311,7 @@ def quota_data(q: Quota) -> dict[str, Any]:
         "expires_cst": cst(q.expires_at),
         "expired": q.expired,
         "free_only": q.free_only,
-        "state": state(q),
+        "state": state(q) if guard is None else quota_state(guard, q),
     }
 
 

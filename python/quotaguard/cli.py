@@ -254,7 +254,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "currency": guard.currency,
             "overdue": guard.overdue,
             "blocked": guard.blocked,
-            "quotas": [quota_data(q) for q in quotas],
+            "quotas": [quota_data(q, guard) for q in quotas],
         }
         if not quotas:
             data["note"] = _nothing_here(guard)
@@ -433,7 +433,9 @@ def cmd_grant(args: argparse.Namespace) -> int:
             raise ValueError(str(e).replace("tokens=", "--tokens N")) from None
         raise
     if _json(args):
-        _print_json({"account": guard.account, "region": guard.region, "quota": quota_data(q)})
+        _print_json(
+            {"account": guard.account, "region": guard.region, "quota": quota_data(q, guard)}
+        )
         return 0
     term = Terminal.of()
     _say(
@@ -441,7 +443,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
         f"in {guard.region} (account {guard.account!r})",
         term,
     )
-    print("\n".join(quota_lines([q], term.width, term.colour)))
+    print("\n".join(quota_lines([q], term.width, term.colour, guard)))
     return 0
 
 
@@ -472,10 +474,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
     guard = _guard(args)
     q = guard.sync(args.model, args.figure, force=args.force)
     if _json(args):
-        _print_json({"account": guard.account, "quota": quota_data(q)})
+        _print_json({"account": guard.account, "quota": quota_data(q, guard)})
         return 0
     term = Terminal.of()
-    print("\n".join(quota_lines([q], term.width, term.colour)))
+    print("\n".join(quota_lines([q], term.width, term.colour, guard)))
     return 0
 
 

@@ -412,7 +412,7 @@ class _Demo:
                 "in_doubt_calls": in_doubt,
                 "server_free_quota_left": left,
                 "free_tokens_used": used,
-                "status": quota_data(guard.quota(model)),
+                "status": quota_data(guard.quota(model), guard),
                 "bill": bill_data(bill),
                 "look": look["commands"],
             }

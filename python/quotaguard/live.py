@@ -26,7 +26,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ._format import bar, money, state
+from ._format import bar, money, quota_state, state
 
 if TYPE_CHECKING:
     from ._core import Quota
@@ -61,6 +61,8 @@ class Progress:
     currency: str = "CNY"
     quotas: list[Quota] = field(default_factory=list)
     """The quota of each model in play (a model called or refused since the loop began)."""
+    states: list[str] = field(default_factory=list)
+    """Their states as the guard's status shows them (``too low for a default call``...)."""
     finished: bool = False
 
     def text(self, width: int | None = None) -> str:
@@ -77,11 +79,13 @@ class Progress:
         ]
         if self.failures:
             parts.insert(3, f"{self.failures:,} failed")
-        bars = [_quota_text(q, bars=True) for q in self.quotas]
+        states = [_state(self, i) for i in range(len(self.quotas))]
+        bars = [_quota_text(q, st, bars=True) for q, st in zip(self.quotas, states, strict=True)]
         line = " · ".join(parts + bars)
         if width is None or len(line) <= width:
             return line
-        line = " · ".join(parts + [_quota_text(q, bars=False) for q in self.quotas])
+        short = [_quota_text(q, st, bars=False) for q, st in zip(self.quotas, states, strict=True)]
+        line = " · ".join(parts + short)
         return line if len(line) <= width else line[: max(1, width - 1)] + "…"
 
     def _repr_html_(self) -> str:
@@ -91,9 +95,14 @@ class Progress:
         return self.text()
 
 
-def _quota_text(q: Quota, *, bars: bool) -> str:
+def _state(p: Progress, i: int) -> str:
+    """The state of ``p.quotas[i]``: the guard's when known, else the quota's own."""
+    return p.states[i] if i < len(p.states) else state(p.quotas[i])
+
+
+def _quota_text(q: Quota, st: str, *, bars: bool) -> str:
     if q.total == 0:
-        return f"{q.model} {state(q)}"
+        return f"{q.model} {st}"
     return f"{q.model} {q.console}" + (f" {bar(q.fraction_left, 10)}" if bars else "")
 
 
@@ -108,11 +117,12 @@ def progress_html(p: Progress) -> str:
         + f"<b>{p.tokens:,}</b> tokens · spend <b>{money(p.spend)}</b> {html.escape(p.currency)}"
     )
     rows = []
-    for q in p.quotas:
+    for i, q in enumerate(p.quotas):
+        st = _state(p, i)
         if q.total == 0:  # no free quota: every call is paid for, or refused
             rows.append(
                 f"<tr><td><code>{html.escape(q.model)}</code></td><td></td><td></td>"
-                f"<td>{html.escape(state(q))}</td></tr>"
+                f"<td>{html.escape(st)}</td></tr>"
             )
             continue
         pct = 100.0 * q.fraction_left
@@ -124,7 +134,7 @@ def progress_html(p: Progress) -> str:
             f"<div style='width:{pct:.1f}%;background:{color};height:10px;border-radius:3px'>"
             "</div></div></td>"
             f"<td style='text-align:right'>{html.escape(q.console)}</td>"
-            f"<td>{html.escape(state(q))}</td>"
+            f"<td>{html.escape(st)}</td>"
             "</tr>"
         )
     table = f"<table class='quotaguard-live'>{''.join(rows)}</table>" if rows else ""
@@ -201,6 +211,7 @@ class _Reader:
             self._records_since = max(self._records_since, r.time)
         quotas = {q.model: q for q in self.guard.quotas()}
         p.quotas = [quotas.get(m) or self.guard.quota(m) for m in sorted(delta)]
+        p.states = [quota_state(self.guard, q) for q in p.quotas]
         return True
 
 
