@@ -738,7 +738,7 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT total, used, activated_ms, valid_days, free_only, configured
+                "SELECT total, used, activated_ms, valid_days, free_only, configured \
                  FROM quotas WHERE account = ?1 AND model = ?2",
             )
             .map_err(|e| self.err(e))?;
@@ -760,12 +760,12 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "INSERT INTO quotas
-                 (account, model, total, used, activated_ms, valid_days, free_only, configured)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (account, model) DO UPDATE SET
-                   total = excluded.total, used = excluded.used,
-                   activated_ms = excluded.activated_ms, valid_days = excluded.valid_days,
+                "INSERT INTO quotas \
+                 (account, model, total, used, activated_ms, valid_days, free_only, configured) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT (account, model) DO UPDATE SET \
+                   total = excluded.total, used = excluded.used, \
+                   activated_ms = excluded.activated_ms, valid_days = excluded.valid_days, \
                    free_only = excluded.free_only, configured = excluded.configured",
             )
             .map_err(|e| self.err(e))?;
@@ -790,11 +790,11 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT total, used, activated_ms, valid_days, free_only, configured,
-                 (SELECT coalesce(sum(free_part), 0) FROM reservations
-                  WHERE account = ?1 AND model = ?2 AND expires_ms > ?3),
-                 (SELECT overdue FROM accounts WHERE account = ?1),
-                 (SELECT count(*) FROM blocks WHERE account = ?1)
+                "SELECT total, used, activated_ms, valid_days, free_only, configured, \
+                 (SELECT coalesce(sum(free_part), 0) FROM reservations \
+                  WHERE account = ?1 AND model = ?2 AND expires_ms > ?3), \
+                 (SELECT overdue FROM accounts WHERE account = ?1), \
+                 (SELECT count(*) FROM blocks WHERE account = ?1) \
                  FROM quotas WHERE account = ?1 AND model = ?2",
             )
             .map_err(|e| self.err(e))?;
@@ -837,9 +837,9 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT total, used, activated_ms, valid_days, free_only, configured,
-                 (SELECT coalesce(sum(free_part), 0) FROM reservations
-                  WHERE account = ?1 AND model = ?2 AND id != ?4 AND expires_ms > ?3)
+                "SELECT total, used, activated_ms, valid_days, free_only, configured, \
+                 (SELECT coalesce(sum(free_part), 0) FROM reservations \
+                  WHERE account = ?1 AND model = ?2 AND id != ?4 AND expires_ms > ?3) \
                  FROM quotas WHERE account = ?1 AND model = ?2",
             )
             .map_err(|e| self.err(e))?;
@@ -889,7 +889,7 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT coalesce(sum(free_part), 0) FROM reservations
+                "SELECT coalesce(sum(free_part), 0) FROM reservations \
                  WHERE account = ?1 AND model = ?2 AND id != ?4 AND expires_ms > ?3",
             )
             .map_err(|e| self.err(e))?;
@@ -905,9 +905,9 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO reservations
-                 (account, model, id, kind, input_tokens, worst, free_part, created_ms, expires_ms,
-                  thinking)
+                "INSERT OR IGNORE INTO reservations \
+                 (account, model, id, kind, input_tokens, worst, free_part, created_ms, expires_ms, \
+                  thinking) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )
             .map_err(|e| self.err(e))?;
@@ -939,7 +939,7 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "DELETE FROM reservations WHERE account = ?1 AND model = ?2 AND id = ?3
+                "DELETE FROM reservations WHERE account = ?1 AND model = ?2 AND id = ?3 \
                  RETURNING kind, worst, expires_ms",
             )
             .map_err(|e| self.err(e))?;
@@ -1011,10 +1011,10 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO records (account, time_ms, id, user, workspace, model, kind,
-                 request_id, input_tokens, output_tokens, cached_tokens, thinking, free_tokens,
-                 billable_input, billable_output, cost, currency, cost_type, in_doubt)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                "INSERT OR IGNORE INTO records (account, time_ms, id, user, workspace, model, kind, \
+                 request_id, input_tokens, output_tokens, cached_tokens, thinking, free_tokens, \
+                 billable_input, billable_output, cost, currency, cost_type, in_doubt) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
                  ?19)",
             )
             .map_err(|e| self.err(e))?;
@@ -1070,21 +1070,21 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "INSERT INTO totals (account, hour_ms, model, kind, records, free_tokens,
-                 billable_input, billable_output, cost, unpriced_calls, currency,
-                 calls, refusals, failures, input_tokens, output_tokens)
-                 VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-                 ON CONFLICT (account, hour_ms, model, kind) DO UPDATE SET
-                   calls = calls + excluded.calls, refusals = refusals + excluded.refusals,
-                   failures = failures + excluded.failures,
-                   input_tokens = input_tokens + excluded.input_tokens,
-                   output_tokens = output_tokens + excluded.output_tokens,
-                   records = records + 1,
-                   free_tokens = free_tokens + excluded.free_tokens,
-                   billable_input = billable_input + excluded.billable_input,
-                   billable_output = billable_output + excluded.billable_output,
-                   cost = CASE WHEN ?16 THEN excluded.cost ELSE cost END,
-                   unpriced_calls = unpriced_calls + excluded.unpriced_calls,
+                "INSERT INTO totals (account, hour_ms, model, kind, records, free_tokens, \
+                 billable_input, billable_output, cost, unpriced_calls, currency, \
+                 calls, refusals, failures, input_tokens, output_tokens) \
+                 VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
+                 ON CONFLICT (account, hour_ms, model, kind) DO UPDATE SET \
+                   calls = calls + excluded.calls, refusals = refusals + excluded.refusals, \
+                   failures = failures + excluded.failures, \
+                   input_tokens = input_tokens + excluded.input_tokens, \
+                   output_tokens = output_tokens + excluded.output_tokens, \
+                   records = records + 1, \
+                   free_tokens = free_tokens + excluded.free_tokens, \
+                   billable_input = billable_input + excluded.billable_input, \
+                   billable_output = billable_output + excluded.billable_output, \
+                   cost = CASE WHEN ?16 THEN excluded.cost ELSE cost END, \
+                   unpriced_calls = unpriced_calls + excluded.unpriced_calls, \
                    currency = excluded.currency",
             )
             .map_err(|e| self.err(e))?;
@@ -1121,13 +1121,13 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "INSERT INTO totals (account, hour_ms, model, kind, calls, refusals, failures,
-                 input_tokens, output_tokens)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (account, hour_ms, model, kind) DO UPDATE SET
-                   calls = calls + excluded.calls, refusals = refusals + excluded.refusals,
-                   failures = failures + excluded.failures,
-                   input_tokens = input_tokens + excluded.input_tokens,
+                "INSERT INTO totals (account, hour_ms, model, kind, calls, refusals, failures, \
+                 input_tokens, output_tokens) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (account, hour_ms, model, kind) DO UPDATE SET \
+                   calls = calls + excluded.calls, refusals = refusals + excluded.refusals, \
+                   failures = failures + excluded.failures, \
+                   input_tokens = input_tokens + excluded.input_tokens, \
                    output_tokens = output_tokens + excluded.output_tokens",
             )
             .map_err(|e| self.err(e))?;
@@ -1164,7 +1164,7 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT cost FROM totals
+                "SELECT cost FROM totals \
                  WHERE account = ?1 AND hour_ms >= ?2 AND hour_ms < ?3 AND (?4 IS NULL OR model = ?4)",
             )
             .map_err(|e| self.err(e))?;
@@ -1211,8 +1211,8 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT hour_ms, model, kind, records, input_tokens, output_tokens, free_tokens,
-                 billable_input, billable_output, cost, unpriced_calls, currency
+                "SELECT hour_ms, model, kind, records, input_tokens, output_tokens, free_tokens, \
+                 billable_input, billable_output, cost, unpriced_calls, currency \
                  FROM totals WHERE account = ?1 AND hour_ms >= ?2 AND hour_ms < ?3 AND records > 0",
             )
             .map_err(|e| self.err(e))?;
@@ -1261,9 +1261,9 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT hour_ms, model, sum(calls), sum(refusals), sum(failures), sum(input_tokens),
-                 sum(output_tokens)
-                 FROM totals WHERE account = ?1 AND (?2 IS NULL OR model = ?2) AND hour_ms >= ?3
+                "SELECT hour_ms, model, sum(calls), sum(refusals), sum(failures), sum(input_tokens), \
+                 sum(output_tokens) \
+                 FROM totals WHERE account = ?1 AND (?2 IS NULL OR model = ?2) AND hour_ms >= ?3 \
                  GROUP BY hour_ms, model ORDER BY hour_ms, model",
             )
             .map_err(|e| self.err(e))?;
@@ -1340,7 +1340,7 @@ impl Tx for SqliteTx<'_> {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT id, account, model, kind, input_tokens, worst, free_part, created_ms,
+                "SELECT id, account, model, kind, input_tokens, worst, free_part, created_ms, \
                  expires_ms, thinking FROM reservations WHERE account = ?1 ORDER BY model, id",
             )
             .map_err(|e| self.err(e))?;
