@@ -256,3 +256,97 @@ def test_a_guarded_client_with_clip_or_fallback_reads_in_full(guard: qg.QuotaGua
     assert _OpenAIHook(guard, Client(), None, Options()).direct
     assert not _OpenAIHook(guard, Client(), None, Options(clip=True)).direct
     assert not _OpenAIHook(guard, Client(), None, Options(fallback=("qwen-max",))).direct
+
+
+# ---- the transport hook on a whole answer ------------------------------------------------
+
+
+def _mock_client(
+    guard: qg.QuotaGuard, answer: bytes, headers: dict[str, str], seen: list[Any]
+) -> Any:
+    """A guarded openai client over a transport that returns ``answer`` and fires the
+    transport's trace events as httpcore does (looking the trace up for each one)."""
+    import httpx2
+    import openai
+
+    events = (
+        "http11.send_request_headers.started",
+        "http11.send_request_headers.complete",
+        "http11.send_request_body.started",
+        "http11.send_request_body.complete",
+        "http11.receive_response_headers.started",
+        "http11.receive_response_headers.complete",
+    )
+
+    def handler(request: Any) -> Any:
+        request.read()
+        seen.append(request)
+        for name in events:
+            trace = request.extensions.get("trace")
+            if trace is not None:
+                trace(name, {})
+        return httpx2.Response(200, headers=headers, content=answer)
+
+    transport = httpx2.MockTransport(handler)
+    client = openai.OpenAI(
+        base_url="http://quotaguard.test/v1",
+        api_key="sk-test",
+        max_retries=0,
+        http_client=httpx2.Client(transport=transport),
+    )
+    return guard.wrap_openai(client)
+
+
+def test_a_compressed_whole_answer_is_settled_from_its_usage(granted: qg.QuotaGuard) -> None:
+    import gzip
+    import json
+
+    body = _answer({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17})
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    seen: list[Any] = []
+    client = _mock_client(granted, gzip.compress(json.dumps(body).encode()), headers, seen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NoUsageWarning: the usage was read
+        out = client.chat.completions.create(model="qwen-plus", messages=TALK, max_tokens=20)
+    assert out.usage is not None and out.usage.completion_tokens == 5
+    (record,) = granted.records()
+    assert (record.input_tokens, record.output_tokens, record.in_doubt) == (12, 5, False)
+    # A whole answer is read by the HTTP library: the request asks for no special encoding.
+    assert seen[0].headers.get("accept-encoding") != "identity"
+
+
+def test_the_trace_stops_once_the_body_is_sent_and_the_callers_own_goes_on(
+    granted: qg.QuotaGuard,
+) -> None:
+    import json
+
+    body = _answer({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17})
+    headers = {"content-type": "application/json"}
+    seen: list[Any] = []
+    mine: list[str] = []
+    client = _mock_client(granted, json.dumps(body).encode(), headers, seen)
+    client.chat.completions.create(model="qwen-plus", messages=TALK, max_tokens=20)
+    assert "trace" not in seen[0].extensions  # taken off after the body was sent
+    assert len(granted.records()) == 1
+    # The caller's own trace sees every event, before and after the body was sent.
+    import httpx2
+
+    base = _mock_client(granted, json.dumps(body).encode(), headers, seen)
+    request = base._target._client.build_request(
+        "POST",
+        "http://quotaguard.test/v1/chat/completions",
+        json={"model": "qwen-plus", "messages": TALK, "max_tokens": 20},
+        extensions={"trace": lambda name, info: mine.append(name)},
+    )
+    assert isinstance(request, httpx2.Request)
+    response = base._target._send_request(request, stream=False)
+    assert response.status_code == 200
+    assert [n.split(".", 1)[1] for n in mine] == [
+        "send_request_headers.started",
+        "send_request_headers.complete",
+        "send_request_body.started",
+        "send_request_body.complete",
+        "receive_response_headers.started",
+        "receive_response_headers.complete",
+    ]
+    assert len(granted.records()) == 2

@@ -141,25 +141,38 @@ def _rel_path(base: str, url: Any) -> str:
 
 
 class _Tracer:
-    """The transport's trace: whether the request body was written out in full."""
+    """The transport's trace: whether the request body was written out in full. Once it
+    was, the rest of the request's events tell nothing more: the trace is taken off the
+    request (the caller's own trace, if any, stays)."""
 
-    def __init__(self, chained: Any) -> None:
+    def __init__(self, chained: Any, extensions: dict[str, Any] | None = None) -> None:
         self._chained = chained
+        self._extensions = extensions
         self.events = False
         self.sent = False
 
-    # Called for every event of every request: kept to a few operations.
+    def _body_sent(self) -> None:
+        self.sent = True
+        extensions = self._extensions
+        if extensions is not None:
+            self._extensions = None
+            if self._chained is None:
+                extensions.pop("trace", None)
+            else:
+                extensions["trace"] = self._chained
+
+    # Called for every event until the body is sent: kept to a few operations.
     def sync(self, name: str, info: Any) -> None:
         self.events = True
         if name.endswith("send_request_body.complete"):
-            self.sent = True
+            self._body_sent()
         if self._chained is not None:
             self._chained(name, info)
 
     async def asynchronous(self, name: str, info: Any) -> None:
         self.events = True
         if name.endswith("send_request_body.complete"):
-            self.sent = True
+            self._body_sent()
         if self._chained is not None:
             await self._chained(name, info)
 
@@ -224,21 +237,27 @@ class _BodyReader:
         elif self.sse:
             self.call.end_stream()
         else:
-            self._settle_json(b"".join(self.body))
+            _settle_json(self.call, b"".join(self.body))
         return rest
-
-    def _settle_json(self, raw: bytes) -> None:
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            self.call.no_usage()
-            return
-        self.call.finish(body)
 
     def closed(self) -> None:
         """The caller closed the body before its end."""
         if not self.call.ended:
             self.call.end_stream()
+
+
+def _settle_json(call: _Call, raw: bytes) -> None:
+    """Settle a call from a whole JSON answer (its usage; the worst case without)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        call.no_usage()
+        return
+    call.finish(body)
+
+
+def _is_sse(response: Any) -> bool:
+    return "event-stream" in response.headers.get("content-type", "")
 
 
 def _byte_stream_bases(response: Any) -> tuple[type, type]:
@@ -395,10 +414,18 @@ class _OpenAIHook:
         return "unguarded", path
 
     def prepare(
-        self, request: Any, route: tuple[str, str], models: list[str] | None = None
+        self,
+        request: Any,
+        route: tuple[str, str],
+        models: list[str] | None = None,
+        *,
+        stream: bool = True,
     ) -> tuple[Any, _Call | None, Any]:
         """The request to send (rewritten), its call (None: let through), the tracer.
-        ``models``: a batch's models, when already read from its input file."""
+        ``models``: a batch's models, when already read from its input file. ``stream``:
+        whether the SDK reads the answer as a stream (a whole answer is read by the HTTP
+        library, decoded, before it is settled; a stream's bytes are read as they pass,
+        so they are asked for uncompressed)."""
         endpoint, path = route
         body = _json_body(request)
         if endpoint == "unguarded" or not isinstance(body, dict):
@@ -444,13 +471,16 @@ class _OpenAIHook:
                 name=f"POST {path}",
             )
             call = begin(self.guard, args, options, sent=False)
-        tracer = _Tracer(request.extensions.get("trace"))
         final = body if args is None else args.kwargs
         if final == sent_body:  # the body goes as it is: the request is kept
-            request.headers["accept-encoding"] = "identity"
-            request.extensions = {**request.extensions, "trace": self._trace_fn(tracer)}
+            if stream or final.get("stream") is True:
+                request.headers["accept-encoding"] = "identity"
+            request.extensions = extensions = dict(request.extensions)
+            tracer = _Tracer(extensions.get("trace"), extensions)
+            extensions["trace"] = self._trace_fn(tracer)
             return request, call, tracer
-        return self._rebuild(request, final, tracer), call, tracer
+        request, tracer = self._rebuild(request, final)
+        return request, call, tracer
 
     def _batch(self, args: _CallArgs, models: list[str] | None) -> _Call:
         """A batch never draws on free quota (R4): refused under Free Quota Only or for an
@@ -472,19 +502,24 @@ class _OpenAIHook:
             raise TypeError("async batch input is read by the async hook")  # pragma: no cover
         return _models_in_jsonl(content.text)
 
-    def _rebuild(self, request: Any, body: dict[str, Any], tracer: _Tracer) -> Any:
+    def _rebuild(self, request: Any, body: dict[str, Any]) -> tuple[Any, _Tracer]:
+        """A new request for a rewritten body, and its tracer."""
         headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
         # An uncompressed answer can be read as it passes.
         headers["accept-encoding"] = "identity"
-        extensions = {**request.extensions, "trace": self._trace_fn(tracer)}
-        cls = type(request)
-        return cls(
+        extensions = dict(request.extensions)
+        tracer = _Tracer(extensions.get("trace"), extensions)
+        extensions["trace"] = self._trace_fn(tracer)
+        rebuilt = type(request)(
             request.method,
             request.url,
             headers=headers,
             content=json.dumps(body, ensure_ascii=False).encode("utf-8"),
             extensions=extensions,
         )
+        # The request keeps the dict it was given: the tracer takes itself off that one.
+        tracer._extensions = rebuilt.extensions
+        return rebuilt, tracer
 
     def _trace_fn(self, tracer: _Tracer) -> Any:
         return tracer.sync
@@ -492,30 +527,30 @@ class _OpenAIHook:
     # ---- the answer ----
 
     def answer(self, call: _Call, response: Any, stream: bool) -> Any:
-        """A response arrived: release on an error status, else read usage as it passes."""
-        failed = self._answered(call, response)
-        if failed or not stream:
-            response.read()  # an error's body, or a whole answer: settles at its end
-        if failed:
+        """A response arrived: release on an error status; settle a whole answer from its
+        body once read; a streamed one is read as it passes."""
+        call.sent = True  # the request reached the service
+        if response.status_code >= 400:
+            response.read()
             self._error(call, response)
+        elif stream or _is_sse(response):
+            self._observe(call, response)
+        else:
+            response.read()  # what the SDK does for a whole answer; decoded if compressed
+            _settle_json(call, response.content)
         return response
 
     async def aanswer(self, call: _Call, response: Any, stream: bool) -> Any:
-        failed = self._answered(call, response)
-        if failed or not stream:
-            await response.aread()
-        if failed:
-            self._error(call, response)
-        return response
-
-    def _answered(self, call: _Call, response: Any) -> bool:
-        """The request reached the service; True for an error answer, else its body is
-        observed from now on."""
         call.sent = True
         if response.status_code >= 400:
-            return True
-        self._observe(call, response)
-        return False
+            await response.aread()
+            self._error(call, response)
+        elif stream or _is_sse(response):
+            self._observe(call, response)
+        else:
+            await response.aread()
+            _settle_json(call, response.content)
+        return response
 
     def _error(self, call: _Call, response: Any) -> None:
         call.release()  # an error answer bills nothing
@@ -548,7 +583,7 @@ class _OpenAIHook:
         route = self.route(request)
         if route is None:
             return self.send_raw(request, stream=stream, **kwargs)
-        request, call, tracer = self.prepare(request, route)
+        request, call, tracer = self.prepare(request, route, stream=stream)
         if call is None:
             return self.send_raw(request, stream=stream, **kwargs)
         try:
@@ -569,7 +604,7 @@ class _OpenAIHook:
         if route[0] == "batches":
             request, call, tracer = await self._aprepare_batch(request, route)
         else:
-            request, call, tracer = self.prepare(request, route)
+            request, call, tracer = self.prepare(request, route, stream=stream)
         if call is None:
             return await self.send_raw(request, stream=stream, **kwargs)
         try:
