@@ -141,9 +141,11 @@ def _rel_path(base: str, url: Any) -> str:
 
 
 class _Tracer:
-    """The transport's trace: whether the request body was written out in full. Once it
-    was, the rest of the request's events tell nothing more: the trace is taken off the
-    request (the caller's own trace, if any, stays)."""
+    """The transport's trace: whether the request may have reached the service. It may
+    from the moment its headers start going out (a cancellation can land after the bytes
+    left but before the transport says so), so that is when it counts as sent. Once the
+    body was written out in full, the rest of the request's events tell nothing more: the
+    trace is taken off the request (the caller's own trace, if any, stays)."""
 
     def __init__(self, chained: Any, extensions: dict[str, Any] | None = None) -> None:
         self._chained = chained
@@ -164,14 +166,18 @@ class _Tracer:
     # Called for every event until the body is sent: kept to a few operations.
     def sync(self, name: str, info: Any) -> None:
         self.events = True
-        if name.endswith("send_request_body.complete"):
+        if name.endswith("send_request_headers.started"):
+            self.sent = True
+        elif name.endswith("send_request_body.complete"):
             self._body_sent()
         if self._chained is not None:
             self._chained(name, info)
 
     async def asynchronous(self, name: str, info: Any) -> None:
         self.events = True
-        if name.endswith("send_request_body.complete"):
+        if name.endswith("send_request_headers.started"):
+            self.sent = True
+        elif name.endswith("send_request_body.complete"):
             self._body_sent()
         if self._chained is not None:
             await self._chained(name, info)
