@@ -11,10 +11,12 @@
 //! Pure Rust: no Python types, no global lock held while counting.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine as _;
@@ -110,6 +112,9 @@ pub struct Vocabulary {
     /// first byte (so that they join part of one character to another), per byte pair
     /// ending at such a start (`last << 8 | first`): the lowest of their ranks.
     cross_min: FxHashMap<u16, u32>,
+    /// Tells this vocabulary from any other loaded in the process (the per-thread
+    /// piece cache holds counts of one vocabulary at a time).
+    id: u64,
 }
 
 impl fmt::Debug for Vocabulary {
@@ -295,6 +300,7 @@ impl Vocabulary {
             max_token_len,
             char_done: Box::default(),
             cross_min: FxHashMap::default(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         };
         vocab.index_characters();
         Ok(vocab)
@@ -398,15 +404,47 @@ impl Vocabulary {
     pub fn count(&self, text: &str) -> u64 {
         let classes = classes();
         let bytes = text.as_bytes();
-        let mut scratch = Scratch::default();
+        let mut scratch = SCRATCH.with(|s| s.borrow_mut().take()).unwrap_or_default();
+        if scratch.vocab != self.id {
+            scratch.cache.fill(0);
+            scratch.vocab = self.id;
+        }
         let mut total = 0u64;
         let mut pos = 0;
         while pos < bytes.len() {
             let end = piece_end(classes, bytes, pos);
-            total += self.piece_count(&bytes[pos..], end - pos, &mut scratch) as u64;
+            let n = end - pos;
+            total += if (3..=PACKED_MAX).contains(&n) {
+                self.cached_count(&bytes[pos..], n, &mut scratch)
+            } else {
+                self.piece_count(&bytes[pos..], n, &mut scratch)
+            } as u64;
             pos = end;
         }
+        SCRATCH.with(|s| *s.borrow_mut() = Some(scratch));
         total
+    }
+
+    /// `piece_count` of a piece of 3 to `PACKED_MAX` bytes through the thread's
+    /// piece cache: a piece's count depends on its bytes alone (pre-tokenization
+    /// cuts the text where merges cannot cross), and text repeats its words, so a
+    /// small table that stays in the processor's cache answers most pieces.
+    #[inline]
+    fn cached_count(&self, window: &[u8], n: usize, scratch: &mut Scratch) -> usize {
+        let key = match window.get(..16) {
+            Some(chunk) => word_key(u128::from_le_bytes(chunk.try_into().expect("16 bytes")), n),
+            None => pack(&window[..n]),
+        };
+        let slot = key_hash(key) as usize & (CACHE_SLOTS - 1);
+        let entry = scratch.cache[slot];
+        if entry & !CACHE_COUNT == key {
+            return (entry >> 124) as usize;
+        }
+        let count = self.piece_count(window, n, scratch);
+        // A piece of at most 15 bytes has at most 15 tokens: the count fits in the
+        // four bits above the length (which is at most 15 too).
+        scratch.cache[slot] = key | (count as u128) << 124;
+        count
     }
 
     /// Exact token count as tiktoken's `encode(text, allowed_special="all")`
@@ -625,6 +663,7 @@ impl Vocabulary {
             starts,
             pending,
             chars,
+            ..
         } = scratch;
         // (start, char_done) of each character; `NO_RANK`: starts as its bytes.
         chars.clear();
@@ -749,9 +788,24 @@ impl Vocabulary {
     }
 }
 
-/// Buffers `merge_heap` reuses from one piece to the next.
-#[derive(Default)]
+/// Slots of the per-thread piece cache (16 bytes each).
+const CACHE_SLOTS: usize = 2048;
+/// The bits of a piece cache slot that hold the count.
+const CACHE_COUNT: u128 = 0xF << 124;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// Each thread's buffers and piece cache, reused from one count to the next.
+    static SCRATCH: RefCell<Option<Box<Scratch>>> = const { RefCell::new(None) };
+}
+
+/// Buffers the merges reuse from one piece to the next, and the piece cache:
+/// `pack(piece) | count << 124` per slot (0: empty; no cached piece is that short),
+/// for the vocabulary `vocab`.
 struct Scratch {
+    vocab: u64,
+    cache: Box<[u128]>,
     next: Vec<u32>,
     prev: Vec<u32>,
     ranks: Vec<u32>,
@@ -759,6 +813,22 @@ struct Scratch {
     starts: Vec<u32>,
     pending: Vec<u32>,
     chars: Vec<(u32, u32)>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            vocab: 0,
+            cache: vec![0; CACHE_SLOTS].into_boxed_slice(),
+            next: Vec::new(),
+            prev: Vec::new(),
+            ranks: Vec::new(),
+            heap: BinaryHeap::new(),
+            starts: Vec::new(),
+            pending: Vec::new(),
+            chars: Vec::new(),
+        }
+    }
 }
 
 /// Longest token `pack` takes (kept in `Vocabulary::short` or `mid`).
