@@ -641,31 +641,9 @@ impl Vocabulary {
         parts
     }
 
-    /// The same merges as `merge_heap` on `window[..n]` (which holds a non-ASCII
-    /// character), starting from whole characters rather than bytes wherever that
-    /// gives the same result: elsewhere a character starts as its bytes.
-    ///
-    /// Why it is the same: the merges inside a character `c` rank at most
-    /// `char_done[c]`. A merge that joins part of a character to another makes a
-    /// token counted in `cross_min` for a boundary next to that character; when
-    /// `cross_min` of both boundaries of a character is above its `char_done`, no
-    /// such merge can come before it is whole, and none after. So it can start as a
-    /// part that becomes whole at its own rank (an event in the heap, in rank order
-    /// with the merges), and only whole parts merge. Characters where that does not
-    /// hold (or not in `char_done`) start as their bytes, whose merges are all made
-    /// here; starting a character as bytes only loosens the check of its neighbours.
-    fn merge_chars(&self, window: &[u8], n: usize, scratch: &mut Scratch) -> usize {
-        let Scratch {
-            next,
-            prev,
-            ranks,
-            heap,
-            starts,
-            pending,
-            chars,
-            ..
-        } = scratch;
-        // (start, char_done) of each character; `NO_RANK`: starts as its bytes.
+    /// Fills `chars` with the start and `char_done` of each character of `window[..n]`,
+    /// `NO_RANK` for a character that starts as its bytes (see `merge_chars`).
+    fn char_parts(&self, window: &[u8], n: usize, chars: &mut Vec<(u32, u32)>) {
         chars.clear();
         let mut i = 0;
         while i < n {
@@ -706,6 +684,96 @@ impl Vocabulary {
             }
             chars.push((i as u32, done));
             i += len;
+        }
+    }
+
+    /// `merge_chars` when every character of `window[..n]` starts whole (`chars`:
+    /// start and `char_done` of each, at most `CHAR_SCAN_MAX`), by tiktoken's linear
+    /// scan for the lowest rank, with no event for a character becoming whole: `None`
+    /// when that would not give the same merges.
+    ///
+    /// Why it is the same: `merge_chars` lets a single character merge only from its
+    /// `char_done` on. As long as every merge ever in view ranks above the `char_done`
+    /// of each single character in it, that delay never holds a merge back (by its
+    /// rank, both sides are whole by then), so the merges come in the same order.
+    /// The first merge in view that does not (a rank at or below a neighbour's
+    /// `char_done`) gives up, before any merge that could differ is made.
+    fn merge_whole_chars(&self, window: &[u8], n: usize, chars: &[(u32, u32)]) -> Option<usize> {
+        let k = chars.len();
+        debug_assert!((1..=CHAR_SCAN_MAX).contains(&k));
+        // Part i starts at starts[i]; done[i]: its character's `char_done` while it is
+        // one character, 0 once merged; ranks[i]: the rank of merging parts i, i + 1.
+        let mut starts = [0u32; CHAR_SCAN_MAX + 1];
+        let mut done = [0u32; CHAR_SCAN_MAX];
+        let mut ranks = [NO_RANK; CHAR_SCAN_MAX];
+        for (c, &(start, d)) in chars.iter().enumerate() {
+            starts[c] = start;
+            done[c] = d;
+        }
+        starts[k] = n as u32;
+        // The rank of merging parts i and i + 1 of `len`, if no delay can hold it back.
+        let pair = |starts: &[u32], done: &[u32], i: usize, len: usize| -> Option<u32> {
+            if i + 1 >= len {
+                return Some(NO_RANK);
+            }
+            let rank = self.rank_in(window, starts[i] as usize, starts[i + 2] as usize);
+            (rank == NO_RANK || rank > done[i].max(done[i + 1])).then_some(rank)
+        };
+        for (i, rank) in ranks[..k - 1].iter_mut().enumerate() {
+            *rank = pair(&starts, &done, i, k)?;
+        }
+        let mut len = k;
+        loop {
+            let min = ranks[..len - 1].iter().copied().min().unwrap_or(NO_RANK);
+            if min == NO_RANK {
+                return Some(len);
+            }
+            let i = ranks[..len - 1]
+                .iter()
+                .position(|&r| r == min)
+                .expect("the minimum is present");
+            starts.copy_within(i + 2..=len, i + 1);
+            done.copy_within(i + 2..len, i + 1);
+            ranks.copy_within(i + 2..len, i + 1);
+            done[i] = 0;
+            len -= 1;
+            ranks[i] = pair(&starts, &done, i, len)?;
+            if i > 0 {
+                ranks[i - 1] = pair(&starts, &done, i - 1, len)?;
+            }
+        }
+    }
+
+    /// The same merges as `merge_heap` on `window[..n]` (which holds a non-ASCII
+    /// character), starting from whole characters rather than bytes wherever that
+    /// gives the same result: elsewhere a character starts as its bytes.
+    ///
+    /// Why it is the same: the merges inside a character `c` rank at most
+    /// `char_done[c]`. A merge that joins part of a character to another makes a
+    /// token counted in `cross_min` for a boundary next to that character; when
+    /// `cross_min` of both boundaries of a character is above its `char_done`, no
+    /// such merge can come before it is whole, and none after. So it can start as a
+    /// part that becomes whole at its own rank (an event in the heap, in rank order
+    /// with the merges), and only whole parts merge. Characters where that does not
+    /// hold (or not in `char_done`) start as their bytes, whose merges are all made
+    /// here; starting a character as bytes only loosens the check of its neighbours.
+    fn merge_chars(&self, window: &[u8], n: usize, scratch: &mut Scratch) -> usize {
+        let Scratch {
+            next,
+            prev,
+            ranks,
+            heap,
+            starts,
+            pending,
+            chars,
+            ..
+        } = scratch;
+        // (start, char_done) of each character; `NO_RANK`: starts as its bytes.
+        self.char_parts(window, n, chars);
+        if chars.len() <= CHAR_SCAN_MAX && chars.iter().all(|&(_, done)| done != NO_RANK) {
+            if let Some(parts) = self.merge_whole_chars(window, n, chars) {
+                return parts;
+            }
         }
         // Parts: whole characters pending until their rank, or single bytes.
         starts.clear();
@@ -799,6 +867,9 @@ thread_local! {
     /// Each thread's buffers and piece cache, reused from one count to the next.
     static SCRATCH: RefCell<Option<Box<Scratch>>> = const { RefCell::new(None) };
 }
+
+/// Most characters `merge_whole_chars` takes (more go through the heap).
+const CHAR_SCAN_MAX: usize = 64;
 
 /// Buffers the merges reuse from one piece to the next, and the piece cache:
 /// `pack(piece) | count << 124` per slot (0: empty; no cached piece is that short),
@@ -2085,6 +2156,70 @@ mod tests {
             let parts = vocab.merge_chars(bytes, bytes.len(), &mut scratch);
             assert_eq!(parts, reference_merge_count(&vocab, bytes), "{text:?}");
         }
+    }
+
+    /// Text made of the vocabulary's own words (its tokens of two to four CJK or
+    /// kana characters), so that whole characters merge, often in competing ways:
+    /// `merge_chars` (and the linear scan it tries first) against the reference.
+    #[test]
+    #[ignore = "needs QWEN_TIKTOKEN (the Qwen vocabulary); .ci/run runs it"]
+    fn qwen_word_merges_equal_tiktokens() {
+        let vocab = qwen();
+        let path = std::env::var_os("QWEN_TIKTOKEN").expect("QWEN_TIKTOKEN");
+        let data = std::fs::read(path).expect("the vocabulary reads");
+        let engine = base64::engine::general_purpose::STANDARD;
+        let words: Vec<String> = data
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.split(|&b| b == b' ').next())
+            .filter_map(|token| engine.decode(token).ok())
+            .filter_map(|bytes| String::from_utf8(bytes).ok())
+            .filter(|word| {
+                (2..=4).contains(&word.chars().count())
+                    && word.chars().all(|c| ('\u{3040}'..='\u{9FFF}').contains(&c))
+            })
+            .collect();
+        assert!(words.len() > 1000, "{} words", words.len());
+        let mut rng = Rng(0x7E57_C4A5);
+        let mut scratch = Scratch::default();
+        let (mut scanned, mut merged) = (0, 0);
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            for _ in 0..1 + rng.next() % 12 {
+                let word = &words[(rng.next() % words.len() as u64) as usize];
+                // Whole words, or a word's tail then another's head, to make merges
+                // that compete across word boundaries.
+                match rng.next() % 3 {
+                    0 => text.extend(word.chars().skip(1)),
+                    1 => text.extend(word.chars().take(1)),
+                    _ => text.push_str(word),
+                }
+            }
+            let bytes = text.as_bytes();
+            let n = bytes.len();
+            if n < 5 {
+                continue;
+            }
+            let expected = reference_merge_count(&vocab, bytes);
+            assert_eq!(
+                vocab.merge_chars(bytes, n, &mut scratch),
+                expected,
+                "{text:?}"
+            );
+            let mut chars = Vec::new();
+            vocab.char_parts(bytes, n, &mut chars);
+            if chars.len() <= CHAR_SCAN_MAX && chars.iter().all(|&(_, d)| d != NO_RANK) {
+                if let Some(parts) = vocab.merge_whole_chars(bytes, n, &chars) {
+                    assert_eq!(parts, expected, "{text:?}");
+                    scanned += 1;
+                    merged += usize::from(parts < chars.len());
+                }
+            }
+        }
+        // The linear scan answers most of these pieces, merges made included.
+        assert!(
+            scanned > 10_000 && merged > 5_000,
+            "{scanned} scanned, {merged} merged"
+        );
     }
 
     #[test]
