@@ -382,6 +382,23 @@ impl Vocabulary {
         self.char_pairs = char_pairs;
     }
 
+    /// False when `piece` cannot be a token: it holds two non-ASCII characters next
+    /// to each other that no token does (`may_pair`).
+    fn may_be_token(&self, piece: &[u8]) -> bool {
+        let Ok(text) = std::str::from_utf8(piece) else {
+            return true;
+        };
+        let mut chars = text.chars();
+        let Some(mut last) = chars.next() else {
+            return true;
+        };
+        chars.all(|c| {
+            let ok = self.may_pair(last, c);
+            last = c;
+            ok
+        })
+    }
+
     /// Whether some token may hold the characters `a`, `b` next to each other (always
     /// true when either is ASCII: only pairs of non-ASCII characters are indexed).
     #[inline]
@@ -548,9 +565,13 @@ impl Vocabulary {
                 }
             }
             _ => {
-                if self.rank_in(window, 0, n) != NO_RANK {
+                // As tiktoken does, a piece that is a token is one (whatever its merges).
+                let chars = n >= 5 && !window[..n].is_ascii();
+                if (!chars || self.may_be_token(&window[..n]))
+                    && self.rank_in(window, 0, n) != NO_RANK
+                {
                     1
-                } else if n >= 5 && !window[..n].is_ascii() {
+                } else if chars {
                     self.merge_chars(window, n, scratch)
                 } else if n <= SMALL_PIECE {
                     self.merge_small(window, n)
