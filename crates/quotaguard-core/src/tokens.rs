@@ -112,6 +112,9 @@ pub struct Vocabulary {
     /// first byte (so that they join part of one character to another), per byte pair
     /// ending at such a start (`last << 8 | first`): the lowest of their ranks.
     cross_min: FxHashMap<u16, u32>,
+    /// A bit per byte pair in `cross_min` (a hundred or so): most boundaries need no
+    /// lookup there.
+    cross_bits: Box<[u64]>,
     /// A bit per hash of two non-ASCII characters (`pair_bit`) set when some token
     /// holds them next to each other: most pairs of whole characters need no lookup.
     char_pairs: Box<[u64]>,
@@ -303,6 +306,7 @@ impl Vocabulary {
             max_token_len,
             char_done: Box::default(),
             cross_min: FxHashMap::default(),
+            cross_bits: Box::default(),
             char_pairs: Box::default(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         };
@@ -378,7 +382,12 @@ impl Vocabulary {
             visit(token, rank);
         }
         self.char_done = char_done;
+        let mut cross_bits = vec![0u64; 1 << 10].into_boxed_slice();
+        for &pair in cross_min.keys() {
+            cross_bits[usize::from(pair) / 64] |= 1 << (pair % 64);
+        }
         self.cross_min = cross_min;
+        self.cross_bits = cross_bits;
         self.char_pairs = char_pairs;
     }
 
@@ -716,7 +725,8 @@ impl Vocabulary {
                 let pair = u16::from(window[i - 1]) << 8 | u16::from(b0);
                 let both_bytes = *before == NO_RANK && done == NO_RANK;
                 if !both_bytes {
-                    if let Some(&min) = self.cross_min.get(&pair) {
+                    let listed = self.cross_bits[usize::from(pair) / 64] & 1 << (pair % 64) != 0;
+                    if let Some(&min) = listed.then(|| self.cross_min.get(&pair)).flatten() {
                         let limit = |d: u32| if d == NO_RANK { 0 } else { d };
                         if min <= limit(*before).max(limit(done)) {
                             *before = NO_RANK;
