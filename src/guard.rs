@@ -129,10 +129,23 @@ fn chat_tokens(py: Python<'_>, pairs: &[(String, String)]) -> u64 {
     }
 }
 
-/// Points the input bound at a `qwen.tiktoken` vocabulary file (loaded on first use).
+/// Points the input bound at a `qwen.tiktoken` vocabulary file, and starts loading it
+/// in the background.
 #[pyfunction]
 pub fn set_vocabulary(path: Option<PathBuf>) {
+    let load = path.is_some();
     tokens::set_vocabulary_path(path);
+    if load {
+        // Parse it now in a thread of its own (inside the fork gate, so that a fork
+        // waits for it and the child, without this thread, loads on its first call):
+        // the first call then finds it loaded, or waits on the load under way.
+        let _ = std::thread::Builder::new()
+            .name("quotaguard-vocabulary".into())
+            .spawn(|| {
+                let _pass = fork::enter();
+                tokens::vocabulary();
+            });
+    }
 }
 
 /// The exact Qwen token count of `text`, or `None` without the vocabulary.

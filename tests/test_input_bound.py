@@ -6,6 +6,10 @@ of quotaguard's Rust BPE, so these tests compare two implementations.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -171,3 +175,54 @@ def test_exact_count_equals_tiktokens_on_any_text(text: str) -> None:
     guard_bound = qg.QuotaGuard(ledger="memory://").input_bound(input=clean)
     assert guard_bound >= exact
     assert qg.count_tokens(clean) == exact
+
+
+# The vocabulary loads in a thread of its own from import on: a first call made at once
+# waits for that load (never a looser count), in any number of threads, and a child
+# forked while it is under way (the thread does not exist there) loads on its own.
+BACKGROUND_LOAD = """
+import json, os, sys, threading
+import quotaguard as qg
+text = sys.argv[1]
+out = {}
+if sys.argv[2] == "threads":
+    counts = []
+    def call():
+        counts.append(qg.count_tokens(text))
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out["counts"] = counts
+else:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, json.dumps(qg.count_tokens(text)).encode())
+        os._exit(0)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    out["counts"] = [json.loads(os.read(r, 100)), qg.count_tokens(text)]
+    out["status"] = status
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("how", ["threads", "fork"])
+def test_first_calls_at_import_wait_for_the_background_load(how: str) -> None:
+    if how == "fork" and not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    text = TEXTS["mixed"]
+    expected = qg.count_tokens(text)
+    assert expected is not None
+    out = subprocess.run(
+        [sys.executable, "-c", BACKGROUND_LOAD, text, how],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    result = json.loads(out.stdout)
+    assert result["counts"] == [expected] * len(result["counts"])
+    assert result.get("status", 0) == 0

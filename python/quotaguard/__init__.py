@@ -12,12 +12,10 @@ against its worst case before it is sent::
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
 from typing import Any
 
 from . import _core
+from ._autoload import find_vocabulary
 from ._core import (
     Alert,
     Bill,
@@ -78,28 +76,9 @@ __all__ = [
 ]
 
 
-def find_vocabulary() -> Path | None:
-    """The Qwen vocabulary for exact input bounds: ``$QUOTAGUARD_VOCAB``, else the
-    ``qwen.tiktoken`` that the ``dashscope`` package ships (found without importing it)."""
-    env = os.environ.get("QUOTAGUARD_VOCAB")
-    if env:
-        return Path(env)
-    try:
-        spec = importlib.util.find_spec("dashscope")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None:
-        return None
-    candidate = Path(spec.origin).parent / "resources" / "qwen.tiktoken"
-    return candidate if candidate.is_file() else None
-
-
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext quotaguard``: the ``%quota`` and ``%%quota`` magics
     (see ``quotaguard.ipython``)."""
     from .ipython import load_ipython_extension as load
 
     load(ipython)
-
-
-_core.set_vocabulary(find_vocabulary())

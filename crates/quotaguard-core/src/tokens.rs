@@ -11,10 +11,12 @@
 //! Pure Rust: no Python types, no global lock held while counting.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine as _;
@@ -110,6 +112,15 @@ pub struct Vocabulary {
     /// first byte (so that they join part of one character to another), per byte pair
     /// ending at such a start (`last << 8 | first`): the lowest of their ranks.
     cross_min: FxHashMap<u16, u32>,
+    /// A bit per byte pair in `cross_min` (a hundred or so): most boundaries need no
+    /// lookup there.
+    cross_bits: Box<[u64]>,
+    /// A bit per hash of two non-ASCII characters (`pair_bit`) set when some token
+    /// holds them next to each other: most pairs of whole characters need no lookup.
+    char_pairs: Box<[u64]>,
+    /// Tells this vocabulary from any other loaded in the process (the per-thread
+    /// piece cache holds counts of one vocabulary at a time).
+    id: u64,
 }
 
 impl fmt::Debug for Vocabulary {
@@ -295,6 +306,9 @@ impl Vocabulary {
             max_token_len,
             char_done: Box::default(),
             cross_min: FxHashMap::default(),
+            cross_bits: Box::default(),
+            char_pairs: Box::default(),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         };
         vocab.index_characters();
         Ok(vocab)
@@ -309,9 +323,21 @@ impl Vocabulary {
             }
         }
         let mut cross_min: FxHashMap<u16, u32> = FxHashMap::default();
+        let mut char_pairs = vec![0u64; CHAR_PAIR_BITS / 64].into_boxed_slice();
         let mut visit = |token: &[u8], rank: u32| match std::str::from_utf8(token) {
             Ok(text) => {
                 let mut chars = text.chars();
+                if !text.is_ascii() {
+                    let mut last = None;
+                    for c in text.chars() {
+                        if let Some(b) = last {
+                            if let Some(bit) = pair_bit(b, c) {
+                                char_pairs[bit / 64] |= 1 << (bit % 64);
+                            }
+                        }
+                        last = Some(c);
+                    }
+                }
                 if let (Some(c), None) = (chars.next(), chars.next()) {
                     let code = c as usize;
                     let first = match *token {
@@ -356,7 +382,37 @@ impl Vocabulary {
             visit(token, rank);
         }
         self.char_done = char_done;
+        let mut cross_bits = vec![0u64; 1 << 10].into_boxed_slice();
+        for &pair in cross_min.keys() {
+            cross_bits[usize::from(pair) / 64] |= 1 << (pair % 64);
+        }
         self.cross_min = cross_min;
+        self.cross_bits = cross_bits;
+        self.char_pairs = char_pairs;
+    }
+
+    /// False when `piece` cannot be a token: it holds two non-ASCII characters next
+    /// to each other that no token does (`may_pair`).
+    fn may_be_token(&self, piece: &[u8]) -> bool {
+        let Ok(text) = std::str::from_utf8(piece) else {
+            return true;
+        };
+        let mut chars = text.chars();
+        let Some(mut last) = chars.next() else {
+            return true;
+        };
+        chars.all(|c| {
+            let ok = self.may_pair(last, c);
+            last = c;
+            ok
+        })
+    }
+
+    /// Whether some token may hold the characters `a`, `b` next to each other (always
+    /// true when either is ASCII: only pairs of non-ASCII characters are indexed).
+    #[inline]
+    fn may_pair(&self, a: char, b: char) -> bool {
+        pair_bit(a, b).is_none_or(|bit| self.char_pairs[bit / 64] & 1 << (bit % 64) != 0)
     }
 
     /// Reads and parses a tiktoken BPE file.
@@ -398,15 +454,47 @@ impl Vocabulary {
     pub fn count(&self, text: &str) -> u64 {
         let classes = classes();
         let bytes = text.as_bytes();
-        let mut scratch = Scratch::default();
+        let mut scratch = SCRATCH.with(|s| s.borrow_mut().take()).unwrap_or_default();
+        if scratch.vocab != self.id {
+            scratch.cache.fill(0);
+            scratch.vocab = self.id;
+        }
         let mut total = 0u64;
         let mut pos = 0;
         while pos < bytes.len() {
             let end = piece_end(classes, bytes, pos);
-            total += self.piece_count(&bytes[pos..], end - pos, &mut scratch) as u64;
+            let n = end - pos;
+            total += if (3..=PACKED_MAX).contains(&n) {
+                self.cached_count(&bytes[pos..], n, &mut scratch)
+            } else {
+                self.piece_count(&bytes[pos..], n, &mut scratch)
+            } as u64;
             pos = end;
         }
+        SCRATCH.with(|s| *s.borrow_mut() = Some(scratch));
         total
+    }
+
+    /// `piece_count` of a piece of 3 to `PACKED_MAX` bytes through the thread's
+    /// piece cache: a piece's count depends on its bytes alone (pre-tokenization
+    /// cuts the text where merges cannot cross), and text repeats its words, so a
+    /// small table that stays in the processor's cache answers most pieces.
+    #[inline]
+    fn cached_count(&self, window: &[u8], n: usize, scratch: &mut Scratch) -> usize {
+        let key = match window.get(..16) {
+            Some(chunk) => word_key(u128::from_le_bytes(chunk.try_into().expect("16 bytes")), n),
+            None => pack(&window[..n]),
+        };
+        let slot = key_hash(key) as usize & (CACHE_SLOTS - 1);
+        let entry = scratch.cache[slot];
+        if entry & !CACHE_COUNT == key {
+            return (entry >> 124) as usize;
+        }
+        let count = self.piece_count(window, n, scratch);
+        // A piece of at most 15 bytes has at most 15 tokens: the count fits in the
+        // four bits above the length (which is at most 15 too).
+        scratch.cache[slot] = key | (count as u128) << 124;
+        count
     }
 
     /// Exact token count as tiktoken's `encode(text, allowed_special="all")`
@@ -486,9 +574,13 @@ impl Vocabulary {
                 }
             }
             _ => {
-                if self.rank_in(window, 0, n) != NO_RANK {
+                // As tiktoken does, a piece that is a token is one (whatever its merges).
+                let chars = n >= 5 && !window[..n].is_ascii();
+                if (!chars || self.may_be_token(&window[..n]))
+                    && self.rank_in(window, 0, n) != NO_RANK
+                {
                     1
-                } else if n >= 5 && !window[..n].is_ascii() {
+                } else if chars {
                     self.merge_chars(window, n, scratch)
                 } else if n <= SMALL_PIECE {
                     self.merge_small(window, n)
@@ -603,30 +695,9 @@ impl Vocabulary {
         parts
     }
 
-    /// The same merges as `merge_heap` on `window[..n]` (which holds a non-ASCII
-    /// character), starting from whole characters rather than bytes wherever that
-    /// gives the same result: elsewhere a character starts as its bytes.
-    ///
-    /// Why it is the same: the merges inside a character `c` rank at most
-    /// `char_done[c]`. A merge that joins part of a character to another makes a
-    /// token counted in `cross_min` for a boundary next to that character; when
-    /// `cross_min` of both boundaries of a character is above its `char_done`, no
-    /// such merge can come before it is whole, and none after. So it can start as a
-    /// part that becomes whole at its own rank (an event in the heap, in rank order
-    /// with the merges), and only whole parts merge. Characters where that does not
-    /// hold (or not in `char_done`) start as their bytes, whose merges are all made
-    /// here; starting a character as bytes only loosens the check of its neighbours.
-    fn merge_chars(&self, window: &[u8], n: usize, scratch: &mut Scratch) -> usize {
-        let Scratch {
-            next,
-            prev,
-            ranks,
-            heap,
-            starts,
-            pending,
-            chars,
-        } = scratch;
-        // (start, char_done) of each character; `NO_RANK`: starts as its bytes.
+    /// Fills `chars` with the start and `char_done` of each character of `window[..n]`,
+    /// `NO_RANK` for a character that starts as its bytes (see `merge_chars`).
+    fn char_parts(&self, window: &[u8], n: usize, chars: &mut Vec<(u32, u32)>) {
         chars.clear();
         let mut i = 0;
         while i < n {
@@ -654,7 +725,8 @@ impl Vocabulary {
                 let pair = u16::from(window[i - 1]) << 8 | u16::from(b0);
                 let both_bytes = *before == NO_RANK && done == NO_RANK;
                 if !both_bytes {
-                    if let Some(&min) = self.cross_min.get(&pair) {
+                    let listed = self.cross_bits[usize::from(pair) / 64] & 1 << (pair % 64) != 0;
+                    if let Some(&min) = listed.then(|| self.cross_min.get(&pair)).flatten() {
                         let limit = |d: u32| if d == NO_RANK { 0 } else { d };
                         if min <= limit(*before).max(limit(done)) {
                             *before = NO_RANK;
@@ -667,6 +739,108 @@ impl Vocabulary {
             }
             chars.push((i as u32, done));
             i += len;
+        }
+    }
+
+    /// `merge_chars` when every character of `window[..n]` starts whole (`chars`:
+    /// start and `char_done` of each, at most `CHAR_SCAN_MAX`), by tiktoken's linear
+    /// scan for the lowest rank, with no event for a character becoming whole: `None`
+    /// when that would not give the same merges.
+    ///
+    /// Why it is the same: `merge_chars` lets a single character merge only from its
+    /// `char_done` on. As long as every merge ever in view ranks above the `char_done`
+    /// of each single character in it, that delay never holds a merge back (by its
+    /// rank, both sides are whole by then), so the merges come in the same order.
+    /// The first merge in view that does not (a rank at or below a neighbour's
+    /// `char_done`) gives up, before any merge that could differ is made.
+    fn merge_whole_chars(&self, window: &[u8], n: usize, chars: &[(u32, u32)]) -> Option<usize> {
+        let k = chars.len();
+        debug_assert!((1..=CHAR_SCAN_MAX).contains(&k));
+        // Part i starts at starts[i]; done[i]: its character's `char_done` while it is
+        // one character, 0 once merged; ranks[i]: the rank of merging parts i, i + 1.
+        // first[i]: the index in `chars` of part i's first character.
+        let mut starts = [0u32; CHAR_SCAN_MAX + 1];
+        let mut first = [0u8; CHAR_SCAN_MAX + 1];
+        let mut done = [0u32; CHAR_SCAN_MAX];
+        let mut ranks = [NO_RANK; CHAR_SCAN_MAX];
+        let mut codes = ['\0'; CHAR_SCAN_MAX];
+        let text = std::str::from_utf8(&window[..n]).ok()?;
+        for (c, (&(start, d), code)) in chars.iter().zip(text.chars()).enumerate() {
+            starts[c] = start;
+            first[c] = c as u8;
+            done[c] = d;
+            codes[c] = code;
+        }
+        starts[k] = n as u32;
+        first[k] = k as u8;
+        // The rank of merging parts i and i + 1 of `len`, if no delay can hold it back.
+        let pair = |starts: &[u32], first: &[u8], done: &[u32], i: usize, len: usize| {
+            if i + 1 >= len {
+                return Some(NO_RANK);
+            }
+            let joint = usize::from(first[i + 1]);
+            if !self.may_pair(codes[joint - 1], codes[joint]) {
+                return Some(NO_RANK);
+            }
+            let rank = self.rank_in(window, starts[i] as usize, starts[i + 2] as usize);
+            (rank == NO_RANK || rank > done[i].max(done[i + 1])).then_some(rank)
+        };
+        for (i, rank) in ranks[..k - 1].iter_mut().enumerate() {
+            *rank = pair(&starts, &first, &done, i, k)?;
+        }
+        let mut len = k;
+        loop {
+            let min = ranks[..len - 1].iter().copied().min().unwrap_or(NO_RANK);
+            if min == NO_RANK {
+                return Some(len);
+            }
+            let i = ranks[..len - 1]
+                .iter()
+                .position(|&r| r == min)
+                .expect("the minimum is present");
+            starts.copy_within(i + 2..=len, i + 1);
+            first.copy_within(i + 2..=len, i + 1);
+            done.copy_within(i + 2..len, i + 1);
+            ranks.copy_within(i + 2..len, i + 1);
+            done[i] = 0;
+            len -= 1;
+            ranks[i] = pair(&starts, &first, &done, i, len)?;
+            if i > 0 {
+                ranks[i - 1] = pair(&starts, &first, &done, i - 1, len)?;
+            }
+        }
+    }
+
+    /// The same merges as `merge_heap` on `window[..n]` (which holds a non-ASCII
+    /// character), starting from whole characters rather than bytes wherever that
+    /// gives the same result: elsewhere a character starts as its bytes.
+    ///
+    /// Why it is the same: the merges inside a character `c` rank at most
+    /// `char_done[c]`. A merge that joins part of a character to another makes a
+    /// token counted in `cross_min` for a boundary next to that character; when
+    /// `cross_min` of both boundaries of a character is above its `char_done`, no
+    /// such merge can come before it is whole, and none after. So it can start as a
+    /// part that becomes whole at its own rank (an event in the heap, in rank order
+    /// with the merges), and only whole parts merge. Characters where that does not
+    /// hold (or not in `char_done`) start as their bytes, whose merges are all made
+    /// here; starting a character as bytes only loosens the check of its neighbours.
+    fn merge_chars(&self, window: &[u8], n: usize, scratch: &mut Scratch) -> usize {
+        let Scratch {
+            next,
+            prev,
+            ranks,
+            heap,
+            starts,
+            pending,
+            chars,
+            ..
+        } = scratch;
+        // (start, char_done) of each character; `NO_RANK`: starts as its bytes.
+        self.char_parts(window, n, chars);
+        if chars.len() <= CHAR_SCAN_MAX && chars.iter().all(|&(_, done)| done != NO_RANK) {
+            if let Some(parts) = self.merge_whole_chars(window, n, chars) {
+                return parts;
+            }
         }
         // Parts: whole characters pending until their rank, or single bytes.
         starts.clear();
@@ -749,9 +923,40 @@ impl Vocabulary {
     }
 }
 
-/// Buffers `merge_heap` reuses from one piece to the next.
-#[derive(Default)]
+/// Slots of the per-thread piece cache (16 bytes each).
+const CACHE_SLOTS: usize = 2048;
+/// The bits of a piece cache slot that hold the count.
+const CACHE_COUNT: u128 = 0xF << 124;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// Each thread's buffers and piece cache, reused from one count to the next.
+    static SCRATCH: RefCell<Option<Box<Scratch>>> = const { RefCell::new(None) };
+}
+
+/// Bits of `Vocabulary::char_pairs` (128 KiB; about 2 % set with Qwen's vocabulary).
+const CHAR_PAIR_BITS: usize = 1 << 20;
+
+/// The bit of `Vocabulary::char_pairs` for `a` followed by `b`, when both are non-ASCII.
+#[inline]
+fn pair_bit(a: char, b: char) -> Option<usize> {
+    if a.is_ascii() || b.is_ascii() {
+        return None;
+    }
+    let key = (u64::from(a) << 21 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    Some((key >> (64 - CHAR_PAIR_BITS.trailing_zeros())) as usize)
+}
+
+/// Most characters `merge_whole_chars` takes (more go through the heap).
+const CHAR_SCAN_MAX: usize = 64;
+
+/// Buffers the merges reuse from one piece to the next, and the piece cache:
+/// `pack(piece) | count << 124` per slot (0: empty; no cached piece is that short),
+/// for the vocabulary `vocab`.
 struct Scratch {
+    vocab: u64,
+    cache: Box<[u128]>,
     next: Vec<u32>,
     prev: Vec<u32>,
     ranks: Vec<u32>,
@@ -759,6 +964,22 @@ struct Scratch {
     starts: Vec<u32>,
     pending: Vec<u32>,
     chars: Vec<(u32, u32)>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            vocab: 0,
+            cache: vec![0; CACHE_SLOTS].into_boxed_slice(),
+            next: Vec::new(),
+            prev: Vec::new(),
+            ranks: Vec::new(),
+            heap: BinaryHeap::new(),
+            starts: Vec::new(),
+            pending: Vec::new(),
+            chars: Vec::new(),
+        }
+    }
 }
 
 /// Longest token `pack` takes (kept in `Vocabulary::short` or `mid`).
@@ -2015,6 +2236,70 @@ mod tests {
             let parts = vocab.merge_chars(bytes, bytes.len(), &mut scratch);
             assert_eq!(parts, reference_merge_count(&vocab, bytes), "{text:?}");
         }
+    }
+
+    /// Text made of the vocabulary's own words (its tokens of two to four CJK or
+    /// kana characters), so that whole characters merge, often in competing ways:
+    /// `merge_chars` (and the linear scan it tries first) against the reference.
+    #[test]
+    #[ignore = "needs QWEN_TIKTOKEN (the Qwen vocabulary); .ci/run runs it"]
+    fn qwen_word_merges_equal_tiktokens() {
+        let vocab = qwen();
+        let path = std::env::var_os("QWEN_TIKTOKEN").expect("QWEN_TIKTOKEN");
+        let data = std::fs::read(path).expect("the vocabulary reads");
+        let engine = base64::engine::general_purpose::STANDARD;
+        let words: Vec<String> = data
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.split(|&b| b == b' ').next())
+            .filter_map(|token| engine.decode(token).ok())
+            .filter_map(|bytes| String::from_utf8(bytes).ok())
+            .filter(|word| {
+                (2..=4).contains(&word.chars().count())
+                    && word.chars().all(|c| ('\u{3040}'..='\u{9FFF}').contains(&c))
+            })
+            .collect();
+        assert!(words.len() > 1000, "{} words", words.len());
+        let mut rng = Rng(0x7E57_C4A5);
+        let mut scratch = Scratch::default();
+        let (mut scanned, mut merged) = (0, 0);
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            for _ in 0..1 + rng.next() % 12 {
+                let word = &words[(rng.next() % words.len() as u64) as usize];
+                // Whole words, or a word's tail then another's head, to make merges
+                // that compete across word boundaries.
+                match rng.next() % 3 {
+                    0 => text.extend(word.chars().skip(1)),
+                    1 => text.extend(word.chars().take(1)),
+                    _ => text.push_str(word),
+                }
+            }
+            let bytes = text.as_bytes();
+            let n = bytes.len();
+            if n < 5 {
+                continue;
+            }
+            let expected = reference_merge_count(&vocab, bytes);
+            assert_eq!(
+                vocab.merge_chars(bytes, n, &mut scratch),
+                expected,
+                "{text:?}"
+            );
+            let mut chars = Vec::new();
+            vocab.char_parts(bytes, n, &mut chars);
+            if chars.len() <= CHAR_SCAN_MAX && chars.iter().all(|&(_, d)| d != NO_RANK) {
+                if let Some(parts) = vocab.merge_whole_chars(bytes, n, &chars) {
+                    assert_eq!(parts, expected, "{text:?}");
+                    scanned += 1;
+                    merged += usize::from(parts < chars.len());
+                }
+            }
+        }
+        // The linear scan answers most of these pieces, merges made included.
+        assert!(
+            scanned > 10_000 && merged > 5_000,
+            "{scanned} scanned, {merged} merged"
+        );
     }
 
     #[test]
