@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from collections.abc import Callable
 
+import _report
 from hypothesis import HealthCheck, given, settings
 from hypothesis import seed as seed_with
 from hypothesis import strategies as st
@@ -85,6 +86,15 @@ def main() -> int:
     for name in PROPERTIES:
         top = ", ".join(f"{k} {v:,}" for k, v in outcomes[name].most_common(4))
         print(f"  {name:<12} {examples[name]:>8,} examples   {top}")
+    _report.figure(
+        "fuzz",
+        f"properties failed in {took / 60:.1f} min",
+        len(failures),
+        "failures",
+        target="0",
+        ok=not failures,
+        note=f"{sum(examples.values()):,} examples, {rounds} rounds",
+    )
     if failures:
         print("MISS: a property failed")
         for f in failures:

@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import _report
 import openai
 
 import quotaguard as qg
@@ -86,6 +87,7 @@ def share(workload: Workload, quota: int, clip: bool, seed: int) -> tuple[float,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer quota sizes")
+    parser.add_argument("--full", action="store_true", help="every quota size (the default)")
     args = parser.parse_args()
     sizes = (3_000, 10_000) if args.quick else (3_000, 10_000, 100_000)
     print(f"quotaguard {qg.__version__}: share of a free quota used before the first refusal")
@@ -94,6 +96,7 @@ def main() -> int:
     print(head)
     print("-" * len(head))
     misses = []
+    shared: list[float] = []
     for w in WORKLOADS:
         for size in sizes:
             for clip in (False, True):
@@ -109,7 +112,27 @@ def main() -> int:
                     f"{w.name:<36} {size:>8,} {'yes' if clip else 'no':>5} {calls:>6} "
                     f"{used:>7.1%}  {target:<9} {result}"
                 )
+                if targeted:
+                    shared.append(used)
     print()
+    for used in shared:
+        _report.figure(
+            "quota_share",
+            f"quota used with clip, {WORKLOADS[0].name}, 10,000 tokens",
+            100 * used,
+            "%",
+            target=f">= {TARGET:.0%}",
+            ok=used >= TARGET,
+            note="share of the grant used before the first refusal",
+        )
+    _report.figure(
+        "quota_share",
+        "workloads the server billed past a grant",
+        sum(1 for m in misses if "billed" in m),
+        "workloads",
+        target="0",
+        ok=not any("billed" in m for m in misses),
+    )
     if misses:
         print("MISS: " + "; ".join(misses))
         return 1
