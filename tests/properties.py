@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import quotaguard as qg
 from quotaguard import QuotaGuardError
+from quotaguard.cli import COMMANDS as CLI_COMMANDS
 from quotaguard.cli import main
 
 UTC = dt.timezone.utc
@@ -477,22 +478,7 @@ def amounts(data: st.DataObject) -> str:
 
 
 # Every subcommand but the demo (which serves and calls for a while).
-COMMANDS = [
-    "status",
-    "records",
-    "bill",
-    "stats",
-    "grant",
-    "free-only",
-    "sync",
-    "top-up",
-    "prices",
-    "forecast",
-    "block",
-    "unblock",
-    "export",
-    "doctor",
-]
+COMMANDS = [c for c in CLI_COMMANDS if c != "demo"]
 
 SAFE_WORDS = st.sampled_from(
     [
